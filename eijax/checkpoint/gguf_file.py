@@ -1,0 +1,222 @@
+"""Read a llama.cpp GGUF file as a Hugging Face checkpoint: (config dict, {HF name: float32 array}).
+
+Every tensor is dequantised to float32 and renamed to its Hugging Face name, in Hugging Face
+layout ([out, in] for linear weights). For the `llama` architecture llama.cpp's converter
+interleaves the rows of q and k (the two rotary halves of each head); that permutation is undone
+here so that the arrays equal the original Hugging Face ones. qwen2 and qwen3 are stored unpermuted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+_HF_ARCHITECTURE_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# GGUF names outside the blocks -> Hugging Face module names.
+_TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+# GGUF `blk.N.<part>` -> Hugging Face `model.layers.N.<module>`; shared by all three architectures.
+_BLOCK_PART_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_DEFAULT_ROPE_THETA = 10000.0
+
+
+def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Return (Hugging Face config dict, {Hugging Face tensor name: float32 array}) for a GGUF file.
+
+    Raises ValueError for an architecture other than llama/qwen2/qwen3, for a tensor this reader
+    cannot name, and for a split (multi-file) GGUF.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No GGUF file at {path}")
+    reader = GGUFReader(path)
+    architecture = _read_field(reader, "general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {architecture!r} in {path} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if (_read_field(reader, "split.count", 1) or 1) > 1:
+        raise ValueError(f"{path} is one part of a split GGUF; merge the parts into one file first "
+                         "(llama.cpp's `llama-gguf-split --merge`).")
+    gguf_shapes = {t.name: _numpy_shape(t) for t in reader.tensors}
+    if "rope_freqs.weight" in gguf_shapes:
+        # llama.cpp bakes Llama-3-style RoPE scaling into this tensor and drops its parameters,
+        # so the Hugging Face rope_scaling cannot be rebuilt from the file.
+        raise ValueError(f"{path} carries rope_freqs (Llama 3 RoPE scaling), which eijax cannot map "
+                         "back to a Hugging Face rope_scaling config.")
+    config = gguf_hf_config(reader, architecture, gguf_shapes)
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        hf_name = hf_tensor_name(tensor.name)
+        weights = _dequantized_float32(tensor)
+        if architecture == "llama":
+            weights = _unpermute_llama_qk(tensor.name, weights, config)
+        tensors[hf_name] = weights
+    return config, tensors
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, and so on."""
+    stem, dot, suffix = gguf_name.rpartition(".")
+    if not dot or suffix not in ("weight", "bias"):
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no .weight/.bias suffix")
+    if stem in _TOP_LEVEL_NAMES:
+        return f"{_TOP_LEVEL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_PART_NAMES:
+        return f"model.layers.{int(parts[1])}.{_BLOCK_PART_NAMES[parts[2]]}.{suffix}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart known to eijax")
+
+
+def _numpy_shape(tensor: Any) -> tuple[int, ...]:
+    # GGUF lists dimensions fastest-varying first; NumPy (and Hugging Face) the other way round.
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
+def _dequantized_float32(tensor: Any) -> np.ndarray:
+    weights = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+    if np.may_share_memory(weights, tensor.data):
+        weights = weights.copy()  # unquantised data is a view of the memory-mapped file
+    return weights.reshape(_numpy_shape(tensor)).astype(np.float32, copy=False)
+
+
+def _unpermute_llama_qk(gguf_name: str, weights: np.ndarray, config: dict) -> np.ndarray:
+    """Undo llama.cpp's q/k row interleave (weights and biases alike).
+
+    llama.cpp reorders each head's rows from [first half ; second half] (Hugging Face's rotate-half
+    RoPE) to pairs (GPT-J style): reshape (heads, 2, d/2) -> swap -> (heads, d/2, 2). The inverse
+    reads the rows as (heads, d/2, 2) and swaps back.
+    """
+    part = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
+    if part == "attn_q":
+        heads = config["num_attention_heads"]
+    elif part == "attn_k":
+        heads = config["num_key_value_heads"]
+    else:
+        return weights
+    rows = weights.shape[0]
+    interleaved = weights.reshape(heads, rows // heads // 2, 2, *weights.shape[1:])
+    return np.ascontiguousarray(interleaved.swapaxes(1, 2)).reshape(weights.shape)
+
+
+def gguf_hf_config(reader: GGUFReader, architecture: str, gguf_shapes: dict[str, tuple]) -> dict:
+    """Build the Hugging Face config dict from GGUF metadata, checked against the tensor shapes."""
+    def arch_field(key: str, default: Any = None) -> Any:
+        return _read_field(reader, f"{architecture}.{key}", default)
+
+    num_heads = _single_value(arch_field("attention.head_count"), "attention.head_count")
+    num_kv_heads = _single_value(arch_field("attention.head_count_kv", num_heads),
+                                 "attention.head_count_kv")
+    hidden_size = int(arch_field("embedding_length"))
+    head_dim = int(arch_field("attention.key_length")
+                   or arch_field("rope.dimension_count")
+                   or hidden_size // num_heads)
+    q_rows = gguf_shapes["blk.0.attn_q.weight"][0]
+    if q_rows != num_heads * head_dim:
+        raise ValueError(f"GGUF metadata says {num_heads} heads of {head_dim}, but attn_q has "
+                         f"{q_rows} rows")
+    rope_theta = _float32_decimal(arch_field("rope.freq_base", _DEFAULT_ROPE_THETA))
+    rope_scaling = _rope_scaling(arch_field)
+
+    config: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURE_CLASS[architecture]],
+        "model_type": architecture,
+        "hidden_size": hidden_size,
+        "intermediate_size": _single_value(arch_field("feed_forward_length"), "feed_forward_length"),
+        "num_hidden_layers": int(arch_field("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _float32_decimal(arch_field("attention.layer_norm_rms_epsilon")),
+        # The embedding's row count is what the weights need, whatever the metadata claims.
+        "vocab_size": gguf_shapes["token_embd.weight"][0],
+        "max_position_embeddings": int(arch_field("context_length")),
+        "tie_word_embeddings": "output.weight" not in gguf_shapes,
+        "rope_theta": rope_theta,
+        # transformers >= 5 reads RoPE settings from `rope_parameters`; older configs (and
+        # hub config.json files) use rope_theta / rope_scaling. Both are given.
+        "rope_parameters": {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta},
+    }
+    if rope_scaling:
+        config["rope_scaling"] = rope_scaling
+    if architecture in ("llama", "qwen3"):  # qwen2 has q/k/v biases unconditionally
+        config["attention_bias"] = "blk.0.attn_q.bias" in gguf_shapes
+    if architecture == "llama":
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in gguf_shapes
+    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                             ("pad_token_id", "padding_token_id")):
+        token_id = _read_field(reader, f"tokenizer.ggml.{gguf_key}")
+        if token_id is not None:
+            config[hf_key] = int(token_id)
+    return config
+
+
+def _rope_scaling(arch_field: Any) -> dict | None:
+    scaling_type = arch_field("rope.scaling.type")
+    if scaling_type in (None, "none"):
+        return None
+    factor = _float32_decimal(arch_field("rope.scaling.factor", 1.0))
+    if scaling_type == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if scaling_type == "yarn":
+        scaling = {"rope_type": "yarn", "factor": factor}
+        optional = {"original_max_position_embeddings": "rope.scaling.original_context_length",
+                    "attention_factor": "rope.scaling.attn_factor",
+                    "beta_fast": "rope.scaling.yarn_beta_fast",
+                    "beta_slow": "rope.scaling.yarn_beta_slow"}
+        for hf_key, gguf_key in optional.items():
+            value = arch_field(gguf_key)
+            if value is not None:
+                scaling[hf_key] = int(value) if hf_key.startswith("original") else _float32_decimal(value)
+        return scaling
+    raise ValueError(f"GGUF RoPE scaling type {scaling_type!r} is not supported (linear, yarn are)")
+
+
+def _read_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _single_value(value: Any, key: str) -> int:
+    """Some GGUFs store a per-layer list; these architectures need one value for all layers."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"GGUF {key} varies per layer ({value}); eijax needs one value")
+        value = value[0]
+    return int(value)
+
+
+def _float32_decimal(value: Any) -> float | None:
+    """GGUF stores float32: 1e-5 comes back as 9.9999997e-06. The shortest decimal that rounds to
+    the same float32 recovers the value the original config.json had."""
+    if value is None:
+        return None
+    return float(str(np.float32(value)))

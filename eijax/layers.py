@@ -1,0 +1,170 @@
+"""Flax NNX building blocks. Parameters of the decoder blocks carry a leading [n_layers] axis
+(`lead`) so the model scans over layers and compile time does not grow with depth.
+
+Every parameter carries logical axis names in its `axes` metadata; `eijax.sharding` maps them to a
+mesh with one rules table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eijax import memory as mem_lib
+from eijax.config import MemoryConfig, ModelConfig, to_dtype
+from eijax.rope import apply_rope
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str | float) -> nnx.Param:
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    else:
+        value = jnp.full(shape, 1.0 if init == "ones" else 0.0 if init == "zeros" else init, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, lead: tuple[int, ...], lead_axes: tuple[str, ...],
+                 bias: bool, param_dtype, rngs: nnx.Rngs, init: str = "normal"):
+        self.kernel = _param(rngs, (*lead, d_in, d_out), (*lead_axes, *axes), param_dtype, init)
+        self.bias = _param(rngs, (*lead, d_out), (*lead_axes, axes[1]), param_dtype, "zeros") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, axis_name: str, *, lead: tuple[int, ...], lead_axes: tuple[str, ...], eps: float, param_dtype):
+        self.scale = _param(None, (*lead, dim), (*lead_axes, axis_name), param_dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Hugging Face order: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lead, lead_axes, rngs: nnx.Rngs):
+        kw = dict(lead=lead, lead_axes=lead_axes, bias=False, param_dtype=to_dtype(cfg.param_dtype), rngs=rngs)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(cfg.d_ff, cfg.d_model, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MemoryGate(nnx.Module):
+    """Mixes memory and local attention per token and head (DESIGN §1.2). Computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, rngs: nnx.Rngs):
+        h, d = cfg.n_heads, cfg.head_dim
+        bias0 = math.log(mem.gate_init / (1.0 - mem.gate_init))  # sigmoid(bias0) == gate_init
+        self.kind = mem.gate
+        pd = to_dtype(cfg.param_dtype)
+        if mem.gate == "linear":
+            self.kernel = _param(None, (*lead, 2 * h * d, h), (*lead_axes, "gate_in", "gate_heads"), pd, "zeros")
+            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+        elif mem.gate == "head_linear":
+            self.kernel = _param(None, (*lead, h, 2 * d), (*lead_axes, "gate_heads", "gate_in"), pd, "zeros")
+            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+        else:
+            self.beta = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+
+    def __call__(self, a_mem: jax.Array, a_local: jax.Array) -> jax.Array:
+        """a_mem, a_local: [B, T, H, d]. Returns the gate, float32 [B, T, H, 1]."""
+        b, t, h, d = a_local.shape
+        if self.kind == "scalar":
+            return jax.nn.sigmoid(self.beta[...].astype(jnp.float32))[None, None, :, None] * jnp.ones((b, t, h, 1))
+        a_mem, a_local = a_mem.astype(jnp.float32), a_local.astype(jnp.float32)
+        if self.kind == "linear":  # every head's gate sees all heads' memory and local outputs
+            both = jnp.concatenate([a_mem.reshape(b, t, h * d), a_local.reshape(b, t, h * d)], axis=-1)
+            logits = both @ self.kernel[...].astype(jnp.float32)
+        else:  # head_linear: each head sees only its own [A_mem ; A_local]
+            both = jnp.concatenate([a_mem, a_local], axis=-1)
+            logits = jnp.einsum("bthi,hi->bth", both, self.kernel[...].astype(jnp.float32))
+        return jax.nn.sigmoid(logits + self.bias[...].astype(jnp.float32))[..., None]
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with interleaved GQA. q [B,T,H,d]; k, v [B,C,Hkv,d]; mask [B,T,C] -> [B,T,H,d]."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum("btkgd,bckd->bkgtc", qg, k).astype(jnp.float32) / math.sqrt(d)
+    # A finite floor (not -inf) keeps fully masked rows (all-padding queries) NaN-free.
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Block(nnx.Module):
+    """One decoder layer with EdgeInfinite attention (stacked: all params have a leading layer axis)."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead: tuple[int, ...], rngs: nnx.Rngs):
+        lead_axes = ("layers",) * len(lead)
+        pd = to_dtype(cfg.param_dtype)
+        h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(lead=lead, lead_axes=lead_axes, param_dtype=pd, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.d_model, "embed", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+        self.q_proj = Linear(cfg.d_model, h * d, ("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(cfg.d_model, hkv * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(cfg.d_model, hkv * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(h * d, cfg.d_model, ("q_heads", "embed"), bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, "head_dim", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+            self.k_norm = RMSNorm(d, "head_dim", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+        else:
+            self.q_norm = self.k_norm = None
+        self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, "embed", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
+        self.shape = (h, hkv, d)
+        self.mem_eps = mem.eps
+        self.use_memory = mem.enabled
+
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Pre-RoPE q [B,T,H,d], k, v [B,T,Hkv,d] (after q_norm/k_norm where the family has them)."""
+        b, t, _ = x.shape
+        h, hkv, d = self.shape
+        q = self.q_proj(x).reshape(b, t, h, d)
+        k = self.k_proj(x).reshape(b, t, hkv, d)
+        v = self.v_proj(x).reshape(b, t, hkv, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array, fill: jax.Array,
+                 memory: mem_lib.Memory, written: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Process T new tokens written at cache slots fill..fill+T-1.
+
+        k_cache, v_cache: [B, C, Hkv, d] pre-RoPE; valid: [B, C] slot validity *after* this write;
+        memory: this layer's (M, z); written: [B] whether memory holds anything.
+        Returns (x_out, k_cache, v_cache).
+        """
+        t = x.shape[1]
+        n_slots = k_cache.shape[1]
+        q, k, v = self.project_qkv(self.attn_norm(x))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, fill, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, fill, 0, 0))
+        q_pos = fill + jnp.arange(t)
+        q_rot = apply_rope(q, jnp.take(cos, q_pos, axis=0), jnp.take(sin, q_pos, axis=0))
+        k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
+        mask = valid[:, None, :] & (jnp.arange(n_slots)[None, None, :] <= q_pos[None, :, None])
+        out = local_attention(q_rot, k_rot, v_cache, mask)
+        if self.use_memory:
+            a_mem = mem_lib.read(memory, q, self.mem_eps)
+            g = self.gate(a_mem, out)
+            mixed = (g * a_mem + (1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
+            out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
+        b, _, h, d = out.shape
+        x = x + self.o_proj(out.reshape(b, t, h * d))
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k_cache, v_cache

@@ -1,0 +1,63 @@
+"""Compressive memory of EdgeInfinite / Infini-attention (DESIGN §1.1): pure float32 functions.
+
+Shapes (one layer): M [B, Hkv, d, d], z [B, Hkv, d]; queries [B, T, H, d]; keys/values [B, T, Hkv, d].
+Query head h reads KV head h // (H / Hkv) (interleaved GQA): heads are reshaped [Hkv, G], never tiled.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Memory(NamedTuple):
+    """Per-layer memory; stacked over layers it has a leading [n_layers] axis."""
+
+    M: jax.Array  # [B, Hkv, d, d] float32
+    z: jax.Array  # [B, Hkv, d] float32
+
+
+def empty_memory(batch: int, n_kv_heads: int, head_dim: int, lead: tuple[int, ...] = ()) -> Memory:
+    return Memory(
+        M=jnp.zeros((*lead, batch, n_kv_heads, head_dim, head_dim), jnp.float32),
+        z=jnp.zeros((*lead, batch, n_kv_heads, head_dim), jnp.float32),
+    )
+
+
+def sigma(x: jax.Array) -> jax.Array:
+    """ELU + 1 feature map, in float32."""
+    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+
+
+def read(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
+    """A_mem = σ(q) M_g / (σ(q)·z_g + eps). q: [B, T, H, d] pre-RoPE. Returns float32 [B, T, H, d]."""
+    b, t, h, d = q.shape
+    hkv = memory.M.shape[1]
+    sq = sigma(q).reshape(b, t, hkv, h // hkv, d)
+    num = jnp.einsum("btkgd,bkde->btkge", sq, memory.M)
+    den = jnp.einsum("btkgd,bkd->btkg", sq, memory.z)[..., None] + eps
+    return (num / den).reshape(b, t, h, d)
+
+
+def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: str, eps: float) -> Memory:
+    """Fold tokens into memory. k, v: [B, T, Hkv, d] pre-RoPE; valid: [B, T] (padding writes nothing).
+
+    linear: M += σ(k)ᵀ v
+    delta:  M += σ(k)ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z from before this write)
+    both:   z += Σ_t σ(k_t)
+    """
+    mask = valid.astype(jnp.float32)[:, :, None, None]
+    sk = sigma(k) * mask
+    v = v.astype(jnp.float32) * mask
+    if rule == "delta":
+        retrieved = jnp.einsum("btkd,bkde->btke", sk, memory.M)
+        norm = jnp.einsum("btkd,bkd->btk", sk, memory.z)[..., None] + eps
+        v = v - retrieved / norm  # rows of padded tokens are 0 already (sk = 0)
+    elif rule != "linear":
+        raise ValueError(f"unknown memory rule {rule!r}")
+    return Memory(
+        M=memory.M + jnp.einsum("btkd,btke->bkde", sk, v),
+        z=memory.z + sk.sum(axis=1),
+    )

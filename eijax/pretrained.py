@@ -1,0 +1,123 @@
+"""Hugging Face tensors -> eijax parameters, and `load_pretrained` for HF folders and GGUF files.
+
+The mapping is one table (`_BLOCK_TENSORS`): eijax path -> (HF name pattern, transpose). Block
+tensors are stacked over layers. Gate parameters are not in the base checkpoint; they keep their
+deterministic initial value (DESIGN §1.2) unless an eijax gate checkpoint is given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eijax.config import MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
+from eijax.model import EdgeInfiniteLM
+
+# eijax path inside `blocks` -> (HF name with {i} for the layer, transpose to [in, out]?)
+_BLOCK_TENSORS: dict[tuple[str, ...], tuple[str, bool]] = {
+    ("attn_norm", "scale"): ("model.layers.{i}.input_layernorm.weight", False),
+    ("q_proj", "kernel"): ("model.layers.{i}.self_attn.q_proj.weight", True),
+    ("k_proj", "kernel"): ("model.layers.{i}.self_attn.k_proj.weight", True),
+    ("v_proj", "kernel"): ("model.layers.{i}.self_attn.v_proj.weight", True),
+    ("o_proj", "kernel"): ("model.layers.{i}.self_attn.o_proj.weight", True),
+    ("q_proj", "bias"): ("model.layers.{i}.self_attn.q_proj.bias", False),
+    ("k_proj", "bias"): ("model.layers.{i}.self_attn.k_proj.bias", False),
+    ("v_proj", "bias"): ("model.layers.{i}.self_attn.v_proj.bias", False),
+    ("o_proj", "bias"): ("model.layers.{i}.self_attn.o_proj.bias", False),
+    ("q_norm", "scale"): ("model.layers.{i}.self_attn.q_norm.weight", False),
+    ("k_norm", "scale"): ("model.layers.{i}.self_attn.k_norm.weight", False),
+    ("mlp_norm", "scale"): ("model.layers.{i}.post_attention_layernorm.weight", False),
+    ("mlp", "gate_proj", "kernel"): ("model.layers.{i}.mlp.gate_proj.weight", True),
+    ("mlp", "up_proj", "kernel"): ("model.layers.{i}.mlp.up_proj.weight", True),
+    ("mlp", "down_proj", "kernel"): ("model.layers.{i}.mlp.down_proj.weight", True),
+}
+_TOP_TENSORS: dict[tuple[str, ...], tuple[str, bool]] = {
+    ("embed",): ("model.embed_tokens.weight", False),
+    ("final_norm", "scale"): ("model.norm.weight", False),
+    ("lm_head", "kernel"): ("lm_head.weight", True),
+}
+
+
+def hf_tensor_names() -> tuple[dict, dict]:
+    """The mapping tables (used by convert/ to go back to Hugging Face names)."""
+    return _BLOCK_TENSORS, _TOP_TENSORS
+
+
+def _take(tensors: dict[str, np.ndarray], name: str, transpose: bool, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in tensors:
+        raise KeyError(f"checkpoint is missing tensor {name!r}")
+    a = tensors[name].T if transpose else tensors[name]
+    if a.shape != shape:
+        raise ValueError(f"tensor {name!r} has shape {tensors[name].shape} but the model expects "
+                         f"{shape[::-1] if transpose else shape}{' (HF [out, in] layout)' if transpose else ''}")
+    return a
+
+
+def params_from_hf(model: EdgeInfiniteLM, tensors: dict[str, np.ndarray]) -> None:
+    """Overwrite the base-model parameters of `model` in place from HF-named tensors."""
+    n_layers = model.config.n_layers
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    used: set[str] = set()
+    updates = []
+    for path, var in flat:
+        path = tuple(str(p) for p in path)
+        if path[0] == "blocks" and path[1:] in _BLOCK_TENSORS:
+            pattern, tr = _BLOCK_TENSORS[path[1:]]
+            names = [pattern.format(i=i) for i in range(n_layers)]
+            value = np.stack([_take(tensors, n, tr, var.shape[1:]) for n in names])
+        elif path in _TOP_TENSORS:
+            name, tr = _TOP_TENSORS[path]
+            names = [name]
+            value = _take(tensors, name, tr, var.shape)
+        else:
+            continue  # gate: not part of the base checkpoint
+        used.update(names)
+        updates.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    ignorable = {"lm_head.weight"} if model.config.tie_embeddings else set()  # tied copies
+    unused = sorted(n for n in set(tensors) - used - ignorable if not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"checkpoint has {len(unused)} tensors the model does not use, e.g. {unused[:3]}; "
+                         "is the config right for this checkpoint?")
+    nnx.update(model, nnx.from_flat_state(updates))
+
+
+def build_model(config: ModelConfig, memory: MemoryConfig, seed: int = 0) -> EdgeInfiniteLM:
+    return EdgeInfiniteLM(config, memory, rngs=nnx.Rngs(seed))
+
+
+def load_pretrained(name_or_path: str | os.PathLike, memory: MemoryConfig | None = None, *,
+                    dtype: str = "float32", param_dtype: str = "float32") -> EdgeInfiniteLM:
+    """Load a base model from a local HF folder, a GGUF file, or a registered name ("smollm2").
+
+    The gate starts at its initial value (gate ≈ memory.gate_init everywhere).
+    """
+    from eijax.checkpoint import read_checkpoint
+
+    hf_config, tensors = read_checkpoint(name_or_path)
+    config = model_config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype)
+    model = build_model(config, memory or MemoryConfig())
+    params_from_hf(model, tensors)
+    return model
+
+
+def hf_config_of(model: EdgeInfiniteLM) -> dict[str, Any]:
+    """Inverse of model_config_from_hf, enough for transformers to rebuild the base model."""
+    c = model.config
+    rope: dict[str, Any] = {"rope_type": c.rope.kind, "rope_theta": c.rope.theta}
+    if c.rope.kind != "default":
+        rope.update(factor=c.rope.factor, low_freq_factor=c.rope.low_freq_factor,
+                    high_freq_factor=c.rope.high_freq_factor, original_max_position_embeddings=c.rope.original_max_position)
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[c.family]
+    out = dict(architectures=[arch], model_type=c.family, vocab_size=c.vocab_size, hidden_size=c.d_model,
+               num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+               head_dim=c.head_dim, intermediate_size=c.d_ff, rms_norm_eps=c.norm_eps,
+               tie_word_embeddings=c.tie_embeddings, max_position_embeddings=c.max_position,
+               rope_parameters=rope, hidden_act="silu", torch_dtype=c.param_dtype)
+    if c.family == "llama":
+        out["attention_bias"] = c.qkv_bias
+    return out
