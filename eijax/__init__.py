@@ -2,10 +2,10 @@
 
 from eijax.config import MemoryConfig, ModelConfig, RopeConfig, model_config_from_hf
 from eijax.memory import Memory
-from eijax.model import EdgeInfiniteLM, State, layout_length, pad_to_layout
+from eijax.model import EdgeInfiniteLM, State, jit_forward, jit_prefill, layout_length, pad_to_layout
 from eijax.pretrained import build_model, load_pretrained, params_from_hf
 
 __all__ = [
     "EdgeInfiniteLM", "Memory", "MemoryConfig", "ModelConfig", "RopeConfig", "State", "build_model",
-    "layout_length", "load_pretrained", "model_config_from_hf", "pad_to_layout", "params_from_hf",
+    "jit_forward", "jit_prefill", "layout_length", "load_pretrained", "model_config_from_hf", "pad_to_layout", "params_from_hf",
 ]

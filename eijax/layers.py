@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from eijax import memory as mem_lib
@@ -19,11 +20,14 @@ from eijax.rope import apply_rope
 
 
 def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str | float) -> nnx.Param:
+    """A parameter with logical `axes`. Initial values are made with numpy: no per-shape XLA
+    compiles at construction (pretrained weights overwrite them anyway)."""
     if init == "normal":
-        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+        seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32)
+        value = 0.02 * np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
     else:
-        value = jnp.full(shape, 1.0 if init == "ones" else 0.0 if init == "zeros" else init, jnp.float32)
-    return nnx.Param(value.astype(dtype), axes=axes)
+        value = np.full(shape, 1.0 if init == "ones" else 0.0 if init == "zeros" else init, np.float32)
+    return nnx.Param(jnp.asarray(value, dtype=dtype), axes=axes)
 
 
 class Linear(nnx.Module):
@@ -44,7 +48,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Hugging Face order: normalise in float32, cast back, then scale.
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
@@ -61,7 +65,7 @@ class MLP(nnx.Module):
 
 
 class MemoryGate(nnx.Module):
-    """Mixes memory and local attention per token and head (DESIGN §1.2). Computed in float32."""
+    """Mixes memory and local attention per token and head (DESIGN §1.2), in the memory's float32."""
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, rngs: nnx.Rngs):
         h, d = cfg.n_heads, cfg.head_dim
@@ -80,16 +84,17 @@ class MemoryGate(nnx.Module):
     def __call__(self, a_mem: jax.Array, a_local: jax.Array) -> jax.Array:
         """a_mem, a_local: [B, T, H, d]. Returns the gate, float32 [B, T, H, 1]."""
         b, t, h, d = a_local.shape
+        f = a_mem.dtype  # float32 (float64 in float64 tests)
         if self.kind == "scalar":
-            return jax.nn.sigmoid(self.beta[...].astype(jnp.float32))[None, None, :, None] * jnp.ones((b, t, h, 1))
-        a_mem, a_local = a_mem.astype(jnp.float32), a_local.astype(jnp.float32)
+            return jax.nn.sigmoid(self.beta[...].astype(f))[None, None, :, None] * jnp.ones((b, t, h, 1), f)
+        a_local = a_local.astype(f)
         if self.kind == "linear":  # every head's gate sees all heads' memory and local outputs
             both = jnp.concatenate([a_mem.reshape(b, t, h * d), a_local.reshape(b, t, h * d)], axis=-1)
-            logits = both @ self.kernel[...].astype(jnp.float32)
+            logits = both @ self.kernel[...].astype(f)
         else:  # head_linear: each head sees only its own [A_mem ; A_local]
             both = jnp.concatenate([a_mem, a_local], axis=-1)
-            logits = jnp.einsum("bthi,hi->bth", both, self.kernel[...].astype(jnp.float32))
-        return jax.nn.sigmoid(logits + self.bias[...].astype(jnp.float32))[..., None]
+            logits = jnp.einsum("bthi,hi->bth", both, self.kernel[...].astype(f))
+        return jax.nn.sigmoid(logits + self.bias[...].astype(f))[..., None]
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -97,9 +102,10 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     b, t, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,bckd->bkgtc", qg, k).astype(jnp.float32) / math.sqrt(d)
+    f = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("btkgd,bckd->bkgtc", qg, k).astype(f) / math.sqrt(d)
     # A finite floor (not -inf) keeps fully masked rows (all-padding queries) NaN-free.
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(f).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
@@ -152,17 +158,19 @@ class Block(nnx.Module):
         t = x.shape[1]
         n_slots = k_cache.shape[1]
         q, k, v = self.project_qkv(self.attn_norm(x))
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, fill, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, fill, 0, 0))
-        q_pos = fill + jnp.arange(t)
+        zero = jnp.zeros((), jnp.int32)  # index dtypes must agree (also under jax_enable_x64)
+        at = (zero, fill.astype(jnp.int32), zero, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+        q_pos = fill + jnp.arange(t, dtype=jnp.int32)
         q_rot = apply_rope(q, jnp.take(cos, q_pos, axis=0), jnp.take(sin, q_pos, axis=0))
         k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
-        mask = valid[:, None, :] & (jnp.arange(n_slots)[None, None, :] <= q_pos[None, :, None])
+        mask = valid[:, None, :] & (jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= q_pos[None, :, None])
         out = local_attention(q_rot, k_rot, v_cache, mask)
         if self.use_memory:
             a_mem = mem_lib.read(memory, q, self.mem_eps)
             g = self.gate(a_mem, out)
-            mixed = (g * a_mem + (1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
+            mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
             out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
         b, _, h, d = out.shape
         x = x + self.o_proj(out.reshape(b, t, h * d))

@@ -19,23 +19,29 @@ class Memory(NamedTuple):
     z: jax.Array  # [B, Hkv, d] float32
 
 
-def empty_memory(batch: int, n_kv_heads: int, head_dim: int, lead: tuple[int, ...] = ()) -> Memory:
+def empty_memory(batch: int, n_kv_heads: int, head_dim: int, lead: tuple[int, ...] = (), dtype=jnp.float32) -> Memory:
+    dtype = jnp.promote_types(dtype, jnp.float32)
     return Memory(
-        M=jnp.zeros((*lead, batch, n_kv_heads, head_dim, head_dim), jnp.float32),
-        z=jnp.zeros((*lead, batch, n_kv_heads, head_dim), jnp.float32),
+        M=jnp.zeros((*lead, batch, n_kv_heads, head_dim, head_dim), dtype),
+        z=jnp.zeros((*lead, batch, n_kv_heads, head_dim), dtype),
     )
 
 
+def _memory_dtype(x: jax.Array):
+    # float32 for every compute dtype (bf16, f16, f32); float64 only when the input is float64 (tests).
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def sigma(x: jax.Array) -> jax.Array:
-    """ELU + 1 feature map, in float32."""
-    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+    """ELU + 1 feature map, in (at least) float32."""
+    return jax.nn.elu(x.astype(_memory_dtype(x))) + 1.0
 
 
 def read(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
     """A_mem = σ(q) M_g / (σ(q)·z_g + eps). q: [B, T, H, d] pre-RoPE. Returns float32 [B, T, H, d]."""
     b, t, h, d = q.shape
     hkv = memory.M.shape[1]
-    sq = sigma(q).reshape(b, t, hkv, h // hkv, d)
+    sq = sigma(q).astype(memory.M.dtype).reshape(b, t, hkv, h // hkv, d)
     num = jnp.einsum("btkgd,bkde->btkge", sq, memory.M)
     den = jnp.einsum("btkgd,bkd->btkg", sq, memory.z)[..., None] + eps
     return (num / den).reshape(b, t, h, d)
@@ -48,9 +54,10 @@ def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: st
     delta:  M += σ(k)ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z from before this write)
     both:   z += Σ_t σ(k_t)
     """
-    mask = valid.astype(jnp.float32)[:, :, None, None]
-    sk = sigma(k) * mask
-    v = v.astype(jnp.float32) * mask
+    dtype = memory.M.dtype
+    mask = valid.astype(dtype)[:, :, None, None]
+    sk = sigma(k).astype(dtype) * mask
+    v = v.astype(dtype) * mask
     if rule == "delta":
         retrieved = jnp.einsum("btkd,bkde->btke", sk, memory.M)
         norm = jnp.einsum("btkd,bkd->btk", sk, memory.z)[..., None] + eps

@@ -58,7 +58,7 @@ class EdgeInfiniteLM(nnx.Module):
             v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, mem.cache_size), bool),
             fill=jnp.zeros((), jnp.int32),
-            memory=mem_lib.empty_memory(batch, cfg.n_kv_heads, cfg.head_dim, lead=(cfg.n_layers,)),
+            memory=mem_lib.empty_memory(batch, cfg.n_kv_heads, cfg.head_dim, lead=(cfg.n_layers,), dtype=dtype),
             written=jnp.zeros((batch,), bool),
         )
 
@@ -88,7 +88,7 @@ class EdgeInfiniteLM(nnx.Module):
         if not isinstance(state.fill, jax.core.Tracer) and int(state.fill) + t > self.memory_config.cache_size:
             raise ValueError(f"prefill of {t} tokens at slot {int(state.fill)} overflows the cache of "
                              f"{self.memory_config.cache_size} slots; compress first or use a smaller chunk")
-        slots_valid = jax.lax.dynamic_update_slice(state.valid, valid, (0, state.fill))
+        slots_valid = jax.lax.dynamic_update_slice(state.valid, valid, (jnp.zeros((), jnp.int32), state.fill.astype(jnp.int32)))
         cos, sin = self._rope()
         graph, params = nnx.split(self.blocks)
 
@@ -191,3 +191,16 @@ def pad_to_layout(tokens: jax.Array, memory: MemoryConfig, pad_id: int = 0) -> t
     padded = jnp.full((b, total), pad_id, tokens.dtype).at[:, :t].set(tokens)
     valid = jnp.zeros((b, total), bool).at[:, :t].set(True)
     return padded, valid
+
+
+@nnx.jit
+def jit_forward(model: EdgeInfiniteLM, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Jitted `model(tokens, valid)` (logits); compiled once per model structure and shapes."""
+    return model(tokens, valid)
+
+
+@nnx.jit
+def jit_prefill(model: EdgeInfiniteLM, state: State, tokens: jax.Array, valid: jax.Array | None = None):
+    """Jitted `model.prefill` returning (float32 logits, state)."""
+    hidden, state = model.prefill(state, tokens, valid)
+    return model.logits(hidden), state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from eijax.checkpoint.gguf_file import read_gguf_metadata
 from eijax.checkpoint.registry import resolve_model
 
 # llama.cpp pre-tokenizer types that isolate every numeric character before the GPT-2 split
@@ -44,11 +45,9 @@ def _load_tokenizer_cached(path: Path):
 
 
 def _isolate_digits_like_llama_cpp(tokenizer, gguf_path: Path) -> None:
-    from gguf import GGUFReader
     from tokenizers import pre_tokenizers
 
-    field = GGUFReader(gguf_path).get_field("tokenizer.ggml.pre")
-    pre_type = field.contents() if field is not None else None
+    pre_type = read_gguf_metadata(gguf_path, ["tokenizer.ggml.pre"]).get("tokenizer.ggml.pre")
     backend = tokenizer.backend_tokenizer
     # Only patch the plain ByteLevel fallback; a split transformers chose on purpose is kept.
     if pre_type in _DIGIT_ISOLATING_PRE_TOKENIZERS and isinstance(backend.pre_tokenizer,
@@ -57,3 +56,8 @@ def _isolate_digits_like_llama_cpp(tokenizer, gguf_path: Path) -> None:
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
+
+
+def clear_tokenizer_cache() -> None:
+    """Forget cached tokenizers (e.g. after a checkpoint file was replaced)."""
+    _load_tokenizer_cached.cache_clear()

@@ -8,6 +8,9 @@ here so that the arrays equal the original Hugging Face ones. qwen2 and qwen3 ar
 
 from __future__ import annotations
 
+import mmap
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +223,60 @@ def _float32_decimal(value: Any) -> float | None:
     if value is None:
         return None
     return float(str(np.float32(value)))
+
+
+# GGUF metadata value types: fixed-size scalars by struct format; 8 is a string, 9 an array.
+_GGUF_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                        10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: str | Path, keys: Iterable[str]) -> dict[str, Any]:
+    """The values of `keys` in a GGUF file's metadata (absent keys are left out).
+
+    Scans the header only as far as the last wanted key. GGUFReader instead parses every
+    metadata value, including ~100k tokenizer strings, which costs seconds.
+    """
+    wanted = set(keys)
+    found: dict[str, Any] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version, _, kv_count = struct.unpack_from("<IQQ", data, 4)
+        if version < 2:
+            raise ValueError(f"{path} is GGUF v{version}; only v2 and later are read")
+        pos = 24
+        for _ in range(kv_count):
+            if wanted <= found.keys():
+                break
+            key, pos = _gguf_string(data, pos)
+            (value_type,) = struct.unpack_from("<I", data, pos)
+            value, pos = _gguf_value(data, pos + 4, value_type, decode=key in wanted)
+            if key in wanted:
+                found[key] = value
+    return found
+
+
+def _gguf_string(data: mmap.mmap, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", data, pos)
+    end = pos + 8 + length
+    return data[pos + 8 : end].decode("utf-8"), end
+
+
+def _gguf_value(data: mmap.mmap, pos: int, value_type: int, decode: bool) -> tuple[Any, int]:
+    if value_type == _GGUF_STRING:
+        return _gguf_string(data, pos)
+    if value_type in _GGUF_SCALAR_FORMATS:
+        fmt = _GGUF_SCALAR_FORMATS[value_type]
+        return struct.unpack_from(fmt, data, pos)[0], pos + struct.calcsize(fmt)
+    if value_type != _GGUF_ARRAY:
+        raise ValueError(f"unknown GGUF metadata value type {value_type}")
+    item_type, count = struct.unpack_from("<IQ", data, pos)
+    pos += 12
+    if item_type in _GGUF_SCALAR_FORMATS and not decode:  # skip without reading the items
+        return None, pos + count * struct.calcsize(_GGUF_SCALAR_FORMATS[item_type])
+    items = []
+    for _ in range(count):
+        item, pos = _gguf_value(data, pos, item_type, decode)
+        items.append(item)
+    return (items if decode else None), pos

@@ -1,0 +1,70 @@
+"""Tiny random Hugging Face models of each supported family, built locally (no hub).
+
+Used by the tests and benchmarks: a transformers model with random weights plus its tensors as
+numpy, and the matching eijax model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def tiny_hf_config(family: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    kw = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+              intermediate_size=96, vocab_size=97, max_position_embeddings=256)
+    if family == "llama":
+        cls = LlamaConfig
+        kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    elif family == "qwen2":
+        cls = Qwen2Config
+        kw["tie_word_embeddings"] = True
+    elif family == "qwen3":
+        cls = Qwen3Config
+        kw["head_dim"] = 24
+    else:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+@functools.lru_cache(maxsize=16)
+def _tiny_hf_model(family: str, seed: int, overrides: tuple):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(tiny_hf_config(family, **dict(overrides))).eval()
+    with torch.no_grad():  # random norms and biases, so parity tests see every tensor
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    tensors = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+    return hf, tensors
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+    """(transformers model, {HF name: float32 numpy}) for a tiny random model; cached per arguments."""
+    hf, tensors = _tiny_hf_model(family, seed, tuple(sorted(overrides.items())))
+    return hf, dict(tensors)
+
+
+def tiny_eijax_model(family: str, memory, *, seed: int = 0, dtype: str = "float32", **overrides):
+    """The eijax twin of `tiny_hf_model(family, seed, **overrides)`."""
+    from eijax.config import model_config_from_hf
+    from eijax.pretrained import build_model, params_from_hf
+
+    hf, tensors = tiny_hf_model(family, seed, **overrides)
+    model = build_model(model_config_from_hf(hf.config.to_dict(), param_dtype=dtype, dtype=dtype), memory)
+    params_from_hf(model, tensors)
+    return model
+
+
+def random_tokens(shape, vocab: int = 97, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)

@@ -1,0 +1,191 @@
+"""DESIGN §2.2-2.4, 2.6, 2.8 on the whole model, in float64, with random (non-initial) gates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import eijax
+from eijax.testing import random_tokens, tiny_eijax_model
+
+S, L, N_SEG = 3, 6, 4
+N = S + N_SEG * L
+CASES = [("llama", "linear", "linear"), ("qwen3", "delta", "head_linear"), ("qwen2", "delta", "scalar")]
+
+
+def _model(family, rule, gate, **mem_kw):
+    mem = eijax.MemoryConfig(sink=S, window=L, rule=rule, gate=gate, **mem_kw)
+    model = tiny_eijax_model(family, mem, dtype="float64")
+    # Random gates: at the initial value (W = 0) some wiring mistakes would cancel out.
+    rng = np.random.RandomState(0)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.PathContains("gate"))):
+        var_in_model = model
+        for p in path:
+            var_in_model = getattr(var_in_model, str(p))
+        var_in_model.set_value(jnp.asarray(rng.randn(*var.shape) * (0.5 if var.ndim > 2 else 1.0)))
+    return model
+
+
+@nnx.jit
+def _step(model, state, tokens, valid):
+    return model.step_segment(state, tokens, valid)
+
+
+@nnx.jit
+def _sink(model, state, tokens, valid):
+    return model.prefill(state, tokens, valid)
+
+
+@nnx.jit
+def _prefill_window(model, state, tokens, valid):
+    return model.prefill(state._replace(fill=jnp.asarray(S, jnp.int32)), tokens, valid)
+
+
+def _loop(model, tokens, valid):
+    """Plain Python loop over segments; records the window k/v of every segment before compress."""
+    state = model.init_state(tokens.shape[0])
+    h, state = _sink(model, state, tokens[:, :S], valid[:, :S])
+    hidden, windows, memories = [h], [], []
+    for s in range(N_SEG):
+        sl = slice(S + s * L, S + (s + 1) * L)
+        memories.append(state.memory)
+        _, before_compress = _prefill_window(model, state, tokens[:, sl], valid[:, sl])
+        windows.append((np.asarray(before_compress.k[:, :, S:]), np.asarray(before_compress.v[:, :, S:]),
+                        np.asarray(valid[:, sl])))
+        h, state = _step(model, state, tokens[:, sl], valid[:, sl])
+        hidden.append(h)
+    return np.concatenate(hidden, axis=1), windows, memories, state
+
+
+def _inputs(seed=0):
+    tokens = jnp.asarray(random_tokens((2, N), seed=seed))
+    valid = np.ones((2, N), bool)
+    valid[1, S + L - 2:S + L] = False   # padding at the end of segment 0 of row 1
+    valid[0, N - 3:] = False            # and at the end of the last segment of row 0
+    return tokens, jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("family,rule,gate", CASES)
+def test_scan_equals_python_loop_and_memory_references(family, rule, gate):
+    with jax.enable_x64(True):
+        model = _model(family, rule, gate)
+        tokens, valid = _inputs()
+        scanned = np.asarray(nnx.jit(lambda m, t, v: m.forward(t, v))(model, tokens, valid))
+        looped, windows, memories, final = _loop(model, tokens, valid)
+        np.testing.assert_allclose(scanned, looped, rtol=1e-10, atol=1e-10)
+
+        # Memory after each segment == float64 reference over the recorded pre-RoPE window keys.
+        sig = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
+        eps = model.memory_config.eps
+        M = np.zeros(final.memory.M.shape)
+        z = np.zeros(final.memory.z.shape)
+        for s, (k, v, m) in enumerate(windows):
+            np.testing.assert_allclose(memories[s].M, M, rtol=1e-10, atol=1e-12)
+            sk = sig(k) * m[None, :, :, None, None]          # [NL, B, L, Hkv, d]
+            vv = v * m[None, :, :, None, None]
+            if rule == "delta":
+                num = np.einsum("nbtkd,nbkde->nbtke", sk, M)
+                den = np.einsum("nbtkd,nbkd->nbtk", sk, z)[..., None] + eps
+                vv = vv - num / den
+            M = M + np.einsum("nbtkd,nbtke->nbkde", sk, vv)
+            z = z + sk.sum(axis=2)
+        np.testing.assert_allclose(final.memory.M, M, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(final.memory.z, z, rtol=1e-9, atol=1e-12)
+
+
+def test_causality_later_segment_changes_nothing_earlier():
+    with jax.enable_x64(True):
+        model = _model("llama", "delta", "linear")
+        tokens, valid = _inputs()
+        changed = tokens.at[:, S + 2 * L:].set((tokens[:, S + 2 * L:] + 5) % 97)  # segments 2, 3
+        fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
+        a, b = np.asarray(fwd(model, tokens, valid)), np.asarray(fwd(model, changed, valid))
+        np.testing.assert_array_equal(a[:, :S + 2 * L], b[:, :S + 2 * L])
+        assert not np.allclose(a[:, S + 2 * L:], b[:, S + 2 * L:])
+        # within a segment too: changing token t changes nothing before t
+        mid = S + L + 3
+        changed = tokens.at[:, mid].set((tokens[:, mid] + 1) % 97)
+        c = np.asarray(fwd(model, changed, valid))
+        np.testing.assert_array_equal(a[:, :mid], c[:, :mid])
+        assert not np.allclose(a[:, mid], c[:, mid])
+
+
+def test_padded_tokens_change_no_output_and_no_memory():
+    with jax.enable_x64(True):
+        model = _model("qwen3", "delta", "linear")
+        tokens, valid = _inputs()
+        junk = jnp.where(valid, tokens, (tokens * 7 + 3) % 97)
+        assert not np.array_equal(np.asarray(junk), np.asarray(tokens))
+        a, _, _, sa = _loop(model, tokens, valid)
+        b, _, _, sb = _loop(model, junk, valid)
+        keep = np.asarray(valid)
+        np.testing.assert_array_equal(a[keep], b[keep])
+        np.testing.assert_array_equal(sa.memory.M, sb.memory.M)
+        np.testing.assert_array_equal(sa.memory.z, sb.memory.z)
+
+
+def test_empty_memory_bypasses_gate_exactly():
+    """Until something is written, outputs equal the memory-free model whatever the gate weights."""
+    with jax.enable_x64(True):
+        model = _model("llama", "linear", "linear")
+        plain = tiny_eijax_model("llama", eijax.MemoryConfig(sink=S, window=L, enabled=False), dtype="float64")
+        tokens, valid = _inputs()
+        fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
+        a, b = np.asarray(fwd(model, tokens, valid)), np.asarray(fwd(plain, tokens, valid))
+        np.testing.assert_array_equal(a[:, :S + L], b[:, :S + L])   # sink and segment 0
+        assert not np.allclose(a[:, S + L:], b[:, S + L:])          # memory is read from segment 1 on
+
+
+def _gate_loss(model, tokens):
+    graph, gate, rest = nnx.split(model, nnx.PathContains("gate"), ...)
+    weights = jnp.asarray(np.random.RandomState(1).randn(tokens.shape[0], N_SEG * L, model.config.d_model))
+
+    def loss(gate_params):
+        m = nnx.merge(graph, gate_params, rest)
+        return jnp.sum(m.forward(tokens)[:, S:] * weights) / weights.size
+
+    return loss, gate
+
+
+def test_gradient_through_scan_matches_finite_differences():
+    with jax.enable_x64(True):
+        model = _model("llama", "delta", "linear", remat="segment")
+        tokens = jnp.asarray(random_tokens((1, N), seed=3))
+        loss, gate = _gate_loss(model, tokens)
+        grads = jax.jit(jax.grad(loss))(gate)
+        flat_g, unravel = jax.flatten_util.ravel_pytree(grads)
+        flat_p, _ = jax.flatten_util.ravel_pytree(gate)
+        assert np.all(np.isfinite(flat_g)) and np.abs(flat_g).max() > 0
+        f = jax.jit(lambda p: loss(unravel(p)))
+        rng = np.random.RandomState(0)
+        for i in rng.choice(flat_p.size, 6, replace=False):
+            h = 1e-6
+            e = jnp.zeros_like(flat_p).at[i].set(h)
+            fd = (f(flat_p + e) - f(flat_p - e)) / (2 * h)
+            np.testing.assert_allclose(flat_g[i], fd, rtol=1e-5, atol=1e-10)
+
+
+def test_remat_does_not_change_gradients():
+    with jax.enable_x64(True):
+        tokens = jnp.asarray(random_tokens((1, N), seed=4))
+        out = {}
+        for remat in ("none", "both"):
+            loss, gate = _gate_loss(_model("qwen2", "linear", "linear", remat=remat), tokens)
+            out[remat] = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(gate))[0]
+        np.testing.assert_allclose(out["none"], out["both"], rtol=1e-10, atol=1e-14)
+
+
+def test_stop_gradient_every_segment_cuts_memory_path():
+    """With a cut every segment, the gate of segment s only sees gradient through the read."""
+    with jax.enable_x64(True):
+        tokens = jnp.asarray(random_tokens((1, N), seed=5))
+        grads = []
+        for every in (0, 1):
+            loss, gate = _gate_loss(_model("llama", "delta", "linear", stop_gradient_every=every), tokens)
+            g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(gate))[0]
+            assert np.all(np.isfinite(g))
+            grads.append(g)
+        assert not np.allclose(grads[0], grads[1])
