@@ -23,7 +23,10 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str, ...],
     """A parameter with logical `axes`. Initial values are made with numpy: no per-shape XLA
     compiles at construction (pretrained weights overwrite them anyway)."""
     if init == "normal":
-        seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint32)
+        key = rngs.params()
+        if isinstance(key, jax.core.Tracer):  # under nnx.eval_shape: only the shape matters
+            return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
+        seed = np.asarray(jax.random.key_data(key)).astype(np.uint32)
         value = 0.02 * np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
     else:
         value = np.full(shape, 1.0 if init == "ones" else 0.0 if init == "zeros" else init, np.float32)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from eijax.config import MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
+from eijax.layers import MemoryGate
 from eijax.model import EdgeInfiniteLM
 
 # eijax path inside `blocks` -> (HF name with {i} for the layer, transpose to [in, out]?)
@@ -100,7 +101,15 @@ def load_pretrained(name_or_path: str | os.PathLike, memory: MemoryConfig | None
 
     hf_config, tensors = read_checkpoint(name_or_path)
     config = model_config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype)
-    model = build_model(config, memory or MemoryConfig())
+    return model_from_hf_tensors(config, memory or MemoryConfig(), tensors)
+
+
+def model_from_hf_tensors(config: ModelConfig, memory: MemoryConfig, tensors: dict[str, np.ndarray]) -> EdgeInfiniteLM:
+    """Build the model without random-initialising the base (it is overwritten): abstract shapes,
+    then the gate's deterministic initial values, then the checkpoint tensors."""
+    model = nnx.eval_shape(lambda: build_model(config, memory))
+    gate = MemoryGate(config, memory, lead=(config.n_layers,), lead_axes=("layers",), rngs=nnx.Rngs(0))  # constants only
+    nnx.update(model.blocks.gate, nnx.state(gate))
     params_from_hf(model, tensors)
     return model
 

@@ -58,12 +58,10 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
 def tiny_eijax_model(family: str, memory, *, seed: int = 0, dtype: str = "float32", **overrides):
     """The eijax twin of `tiny_hf_model(family, seed, **overrides)`."""
     from eijax.config import model_config_from_hf
-    from eijax.pretrained import build_model, params_from_hf
+    from eijax.pretrained import model_from_hf_tensors
 
     hf, tensors = tiny_hf_model(family, seed, **overrides)
-    model = build_model(model_config_from_hf(hf.config.to_dict(), param_dtype=dtype, dtype=dtype), memory)
-    params_from_hf(model, tensors)
-    return model
+    return model_from_hf_tensors(model_config_from_hf(hf.config.to_dict(), param_dtype=dtype, dtype=dtype), memory, tensors)
 
 
 def random_tokens(shape, vocab: int = 97, seed: int = 0) -> np.ndarray:

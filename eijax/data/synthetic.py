@@ -1,0 +1,245 @@
+"""Synthetic long-context tasks for training and evaluation.
+
+Tasks (`TASKS`):
+  "passkey"  -- passkey retrieval as in Landmark Attention (Mohtashami & Jaggi, 2023):
+                "The pass key is 71432. Remember it. 71432 is the pass key." hidden at
+                a controllable depth in filler; question "What is the pass key?".
+  "multikey" -- multi-key needle QA (RULER-style): several needles "The special magic
+                number for <key> is <7-digit number>." at random depths; the question
+                asks for one key's number.
+
+Filler is real English prose: Jane Austen's *Persuasion* (public domain; see
+assets/README.md), split into 3,561 sentences (103k SmolLM2 tokens; mean 29, max 271
+tokens a sentence). A sample's haystack is a run of consecutive sentences starting
+at a random sentence, wrapping around the book (contexts longer than the book
+repeat it).
+
+Length: `context_tokens` is the target length, in tokens of the given tokenizer, of
+the context text (preamble + haystack + needles). Whole sentences are added while
+they fit, so the context is at most `context_tokens` and usually within one sentence
+of it (per-sentence counts are summed, so boundary merges can shift it by a few
+tokens). Depth: the fraction of haystack tokens before a needle, 0 = start, 1 = end;
+needles sit between sentences, at the boundary nearest the requested depth. `None`
+draws the depth uniformly per sample. The actual depth is stored in the sample.
+
+Seeds: sample i of seed s uses `np.random.default_rng((s, task_salt, i))`, so the same
+(seed, index) always gives the same sample and every (seed, index) its own stream.
+
+A sample is a dict: task, context, instruction, answer (the reference answer, used as
+the S-SFT target), target (the passkey / number as a string), and task metadata.
+`score_answer(task, generated_text, sample)` says whether a generation is correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ASSET = Path(__file__).parent / "assets" / "persuasion.txt"
+TASKS = ("passkey", "multikey")
+_TASK_SALT = {"passkey": 0x5A55, "multikey": 0x3D11}
+
+PASSKEY_PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. "
+                    "Find it and memorize it. I will quiz you about the important "
+                    "information there.")
+PASSKEY_QUESTION = "What is the pass key?"
+MULTIKEY_PREAMBLE = ("Some special magic numbers are hidden within the following text. "
+                     "Make sure to memorize it. I will quiz you about the numbers afterwards.")
+
+# Keys for the multi-key task: adjective-noun pairs, 48 x 48 = 2304 distinct keys.
+_ADJECTIVES = (
+    "amber ancient brave bright calm clever crimson curious damp eager early faint fancy "
+    "fierce gentle golden grand hollow humble icy jolly keen lively lonely loud lucky "
+    "merry misty modest narrow noble odd pale patient plain proud quiet rapid rough "
+    "rusty silent silver sleepy smooth steady swift tender wise").split()
+_NOUNS = (
+    "anchor apple badger barrel beacon bridge candle castle cedar comet copper crane "
+    "desert dragon falcon feather forest garden glacier harbor hazel island kettle "
+    "lantern lemon maple meadow mirror orchard otter pebble pepper pigeon planet "
+    "quarry raven river saddle shadow spruce thistle tiger tulip valley violin walnut "
+    "willow zebra").split()
+assert len(set(_ADJECTIVES)) == len(_ADJECTIVES) == 48 and len(set(_NOUNS)) == len(_NOUNS) == 48
+
+
+_SENTENCE_END = re.compile(r'(?:(?<=[.!?])|(?<=[.!?]["\')]))\s+(?=["\'(]?[A-Z])')
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of the filler: split after . ! ? (and closing quotes) before a capital."""
+    out = []
+    for para in text.splitlines():
+        out.extend(s for s in _SENTENCE_END.split(para.strip()) if s)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def filler_sentences() -> tuple[str, ...]:
+    return tuple(split_sentences(ASSET.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class Filler:
+    """Filler sentences with their token counts for one tokenizer."""
+
+    sentences: tuple[str, ...]
+    counts: np.ndarray  # tokens of " " + sentence
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> "Filler":
+        """Cached per tokenizer object (counting the book's sentences takes ~0.5 s)."""
+        try:
+            return _filler_cached(tokenizer)
+        except TypeError:  # an unhashable tokenizer: count every time
+            return cls._count(tokenizer)
+
+    @classmethod
+    def _count(cls, tokenizer: Any) -> "Filler":
+        sents = filler_sentences()
+        counts = np.array([len(tokenizer.encode(" " + s, add_special_tokens=False))
+                           for s in sents], np.int64)
+        return cls(sents, counts)
+
+    def take(self, start: int, budget: int) -> tuple[list[str], list[int]]:
+        """Consecutive sentences from `start` (wrapping) while their tokens fit the budget."""
+        sents, counts, used, i = [], [], 0, start
+        n = len(self.sentences)
+        while used + self.counts[i % n] <= budget:
+            sents.append(self.sentences[i % n])
+            counts.append(int(self.counts[i % n]))
+            used += counts[-1]
+            i += 1
+            if i - start >= 100 * n:  # budget far beyond the book: it repeats, stop sanely
+                break
+        return sents, counts
+
+
+@functools.lru_cache(maxsize=4)
+def _filler_cached(tokenizer: Any) -> Filler:
+    return Filler._count(tokenizer)
+
+
+def _rng(task: str, seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng((int(seed), _TASK_SALT[task], int(index)))
+
+
+def _insert_at_depths(sents: list[str], counts: list[int], needles: Sequence[str],
+                      depths: Sequence[float]) -> tuple[str, list[float]]:
+    """Puts each needle at the sentence boundary nearest its depth; returns the actual depths."""
+    cum = np.concatenate([[0], np.cumsum(counts)])  # tokens before boundary j
+    total = max(int(cum[-1]), 1)
+    at: dict[int, list[str]] = {}
+    actual = []
+    for needle, d in zip(needles, depths):
+        j = int(np.argmin(np.abs(cum - d * total)))
+        at.setdefault(j, []).append(needle)
+        actual.append(float(cum[j] / total))
+    pieces = []
+    for j in range(len(sents) + 1):
+        pieces.extend(at.get(j, []))
+        if j < len(sents):
+            pieces.append(sents[j])
+    return " ".join(pieces), actual
+
+
+def _haystack(rng: np.random.Generator, filler: Filler, tokenizer: Any, fixed_text: str,
+              context_tokens: int) -> tuple[list[str], list[int]]:
+    budget = context_tokens - len(tokenizer.encode(fixed_text, add_special_tokens=False))
+    if budget < 0:
+        raise ValueError(f"context_tokens={context_tokens} is too small for the task text")
+    return filler.take(int(rng.integers(len(filler.sentences))), budget)
+
+
+def passkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
+                   depth: float | None = None, filler: Filler | None = None) -> dict[str, Any]:
+    """One passkey-retrieval sample (see the module docstring)."""
+    rng = _rng("passkey", seed, index)
+    filler = filler or Filler.for_tokenizer(tokenizer)
+    key = str(int(rng.integers(10000, 100000)))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    d = float(rng.uniform()) if depth is None else float(depth)
+    sents, counts = _haystack(rng, filler, tokenizer, f"{PASSKEY_PREAMBLE} {needle}",
+                              context_tokens)
+    hay, actual = _insert_at_depths(sents, counts, [needle], [d])
+    return {"task": "passkey", "context": f"{PASSKEY_PREAMBLE} {hay}",
+            "instruction": PASSKEY_QUESTION, "answer": f"The pass key is {key}.",
+            "target": key, "depth": actual[0], "seed": seed, "index": index}
+
+
+def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
+                    num_needles: int = 4, depth: float | None = None,
+                    filler: Filler | None = None) -> dict[str, Any]:
+    """One multi-key needle QA sample. `depth` fixes the depth of the asked needle;
+    the others are always at random depths."""
+    rng = _rng("multikey", seed, index)
+    filler = filler or Filler.for_tokenizer(tokenizer)
+    pairs = rng.choice(len(_ADJECTIVES) * len(_NOUNS), size=num_needles, replace=False)
+    keys = [f"{_ADJECTIVES[p // len(_NOUNS)]}-{_NOUNS[p % len(_NOUNS)]}" for p in pairs]
+    values = [str(v) for v in rng.choice(9_000_000, size=num_needles, replace=False) + 1_000_000]
+    needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
+    asked = int(rng.integers(num_needles))
+    depths = rng.uniform(size=num_needles)
+    if depth is not None:
+        depths[asked] = depth
+    sents, counts = _haystack(rng, filler, tokenizer,
+                              MULTIKEY_PREAMBLE + " " + " ".join(needles), context_tokens)
+    hay, actual = _insert_at_depths(sents, counts, needles, list(depths))
+    key, value = keys[asked], values[asked]
+    return {"task": "multikey", "context": f"{MULTIKEY_PREAMBLE} {hay}",
+            "instruction": f"What is the special magic number for {key} mentioned in the "
+                           f"provided text?",
+            "answer": f"The special magic number for {key} mentioned in the provided text "
+                      f"is {value}.",
+            "target": value, "key": key, "keys": keys, "values": values,
+            "depth": actual[asked], "depths": actual, "seed": seed, "index": index}
+
+
+_SAMPLERS = {"passkey": passkey_sample, "multikey": multikey_sample}
+
+
+def make_sample(task: str, index: int, **params: Any) -> dict[str, Any]:
+    if task not in _SAMPLERS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {TASKS}")
+    return _SAMPLERS[task](index, **params)
+
+
+class SyntheticSource:
+    """A random-access sequence of `num_samples` samples of one task (a grain source).
+
+    Samples are generated on access from (seed, index); nothing is stored.
+    """
+
+    def __init__(self, task: str, *, num_samples: int, seed: int, tokenizer: Any,
+                 context_tokens: int, **task_params: Any):
+        if task not in _SAMPLERS:
+            raise ValueError(f"unknown synthetic task {task!r}; known: {TASKS}")
+        self.task, self.num_samples = task, int(num_samples)
+        self._params = dict(seed=seed, tokenizer=tokenizer, context_tokens=context_tokens,
+                            filler=Filler.for_tokenizer(tokenizer), **task_params)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        return _SAMPLERS[self.task](int(index), **self._params)
+
+
+def score_answer(task: str, generated_text: str, sample: dict[str, Any]) -> bool:
+    """True if the generation contains the target as a whole number.
+
+    For "multikey" it must also contain no other needle's number (so listing every
+    number from the context does not count as an answer).
+    """
+    numbers = set(re.findall(r"\d+", generated_text))
+    if task == "passkey":
+        return sample["target"] in numbers
+    if task == "multikey":
+        others = set(sample["values"]) - {sample["target"]}
+        return sample["target"] in numbers and not (numbers & others)
+    raise ValueError(f"unknown synthetic task {task!r}; known: {TASKS}")
