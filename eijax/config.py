@@ -81,6 +81,10 @@ class MemoryConfig:
     gate_init: float = 0.05  # initial gate value: local-dominant but not saturated (DESIGN §1.2)
     eps: float = 1e-6
     enabled: bool = True     # False: memory never written -> sink + window (StreamingLLM) baseline
+    # Memory-path widening (DESIGN §1.2): per-head d x d maps on the q/k/v that the memory reads and
+    # writes, identity-initialised. They act on cached pre-RoPE k/v (no extra cache) and never touch
+    # the local path, so short inputs stay exactly the base model.
+    adapter: bool = False
     remat: RematPolicy = "segment"
     stop_gradient_every: int = 0  # >0: cut backprop through memory every k segments
 

@@ -100,6 +100,22 @@ class MemoryGate(nnx.Module):
         return jax.nn.sigmoid(logits + self.bias[...].astype(f))[..., None]
 
 
+class MemoryAdapter(nnx.Module):
+    """Identity-initialised per-head maps of q (per query head) and k, v (per KV head) for the memory."""
+
+    def __init__(self, cfg: ModelConfig, *, lead, lead_axes, param_dtype):
+        h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        eye = lambda n: jnp.broadcast_to(jnp.eye(d, dtype=param_dtype), (*lead, n, d, d))
+        self.q = nnx.Param(eye(h), axes=(*lead_axes, "gate_heads", "head_dim", "head_dim_out"))
+        self.k = nnx.Param(eye(hkv), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
+        self.v = nnx.Param(eye(hkv), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
+
+
+def adapt(x: jax.Array, maps: jax.Array) -> jax.Array:
+    """x [B, T, heads, d] @ maps [heads, d, d] per head."""
+    return jnp.einsum("bthd,hde->bthe", x, maps.astype(x.dtype))
+
+
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention with interleaved GQA. q [B,T,H,d]; k, v [B,C,Hkv,d]; mask [B,T,C] -> [B,T,H,d]."""
     b, t, h, d = q.shape
@@ -133,6 +149,7 @@ class Block(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
+        self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
         self.shape = (h, hkv, d)
@@ -171,7 +188,8 @@ class Block(nnx.Module):
         mask = valid[:, None, :] & (jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= q_pos[None, :, None])
         out = local_attention(q_rot, k_rot, v_cache, mask)
         if self.use_memory:
-            a_mem = mem_lib.read(memory, q, self.mem_eps)
+            q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
+            a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
             g = self.gate(a_mem, out)
             mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
             out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local

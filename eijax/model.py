@@ -21,7 +21,7 @@ from flax import nnx
 
 from eijax import memory as mem_lib
 from eijax.config import MemoryConfig, ModelConfig, to_dtype
-from eijax.layers import Block, Linear, RMSNorm, _param
+from eijax.layers import Block, Linear, RMSNorm, _param, adapt
 from eijax.rope import rope_table
 
 
@@ -113,8 +113,13 @@ class EdgeInfiniteLM(nnx.Module):
         window_valid = state.valid[:, s:]
         memory, written = state.memory, state.written
         if mem.enabled:
+            k, v = state.k[:, :, s:], state.v[:, :, s:]
+            adapter = self.blocks.memory_adapter
+            if adapter is not None:  # memory-path maps, per layer
+                k = jax.vmap(adapt)(k, adapter.k[...])
+                v = jax.vmap(adapt)(v, adapter.v[...])
             write = lambda m, z, k, v: mem_lib.write(mem_lib.Memory(m, z), k, v, window_valid, mem.rule, mem.eps)
-            memory = jax.vmap(write)(memory.M, memory.z, state.k[:, :, s:], state.v[:, :, s:])
+            memory = jax.vmap(write)(memory.M, memory.z, k, v)
             written = written | window_valid.any(axis=1)
         return state._replace(valid=state.valid.at[:, s:].set(False), fill=jnp.minimum(state.fill, s),
                               memory=memory, written=written)

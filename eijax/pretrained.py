@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from eijax.config import MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
-from eijax.layers import MemoryGate
+from eijax.layers import MemoryAdapter, MemoryGate
 from eijax.model import EdgeInfiniteLM
 
 # eijax path inside `blocks` -> (HF name with {i} for the layer, transpose to [in, out]?)
@@ -76,7 +76,7 @@ def params_from_hf(model: EdgeInfiniteLM, tensors: dict[str, np.ndarray]) -> Non
             names = [name]
             value = _take(tensors, name, tr, var.shape)
         else:
-            continue  # gate: not part of the base checkpoint
+            continue  # gate / memory adapter: not part of the base checkpoint
         used.update(names)
         updates.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
     ignorable = {"lm_head.weight"} if model.config.tie_embeddings else set()  # tied copies
@@ -108,8 +108,12 @@ def model_from_hf_tensors(config: ModelConfig, memory: MemoryConfig, tensors: di
     """Build the model without random-initialising the base (it is overwritten): abstract shapes,
     then the gate's deterministic initial values, then the checkpoint tensors."""
     model = nnx.eval_shape(lambda: build_model(config, memory))
-    gate = MemoryGate(config, memory, lead=(config.n_layers,), lead_axes=("layers",), rngs=nnx.Rngs(0))  # constants only
+    lead = dict(lead=(config.n_layers,), lead_axes=("layers",))
+    gate = MemoryGate(config, memory, **lead, rngs=nnx.Rngs(0))  # constants only
     nnx.update(model.blocks.gate, nnx.state(gate))
+    if memory.adapter:
+        adapter = MemoryAdapter(config, **lead, param_dtype=to_dtype(config.param_dtype))
+        nnx.update(model.blocks.memory_adapter, nnx.state(adapter))
     params_from_hf(model, tensors)
     return model
 
