@@ -1,0 +1,270 @@
+"""The S-SFT run: config -> model, mesh, data, optimizer, checkpoints -> train loop -> report.
+
+`run(config)` is what `python train.py` calls; tests call it directly with small configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from eijax.config import MemoryConfig, ModelConfig, RopeConfig
+from eijax.train import checkpointing as ckpt
+from eijax.train import sharding as shd
+from eijax.train.config_schema import Config, ConfigError, config_to_dict
+from eijax.train.metrics import MetricsWriter, Progress, gate_stats
+from eijax.train.optim import count_params, learning_rate_schedule, make_optimizer, split_trainable
+from eijax.train.step import compile_step, jit_train_step, model_flops_per_token
+
+BATCH_KEYS = ("tokens", "valid", "labels", "loss_mask")
+
+
+def log0(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+# ------------------------------------------------------------------ setup pieces
+def maybe_initialize_distributed(config: Config) -> None:
+    d = config.distributed
+    if not d.enabled:
+        return
+    kwargs = {}
+    if d.coordinator_address:
+        kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
+    jax.distributed.initialize(**kwargs)  # Cloud TPU: everything is found from the environment
+
+
+def memory_config(config: Config) -> MemoryConfig:
+    return MemoryConfig(**dataclasses.asdict(config.memory))
+
+
+def build_model(config: Config):
+    """The base model (pretrained, or random from the config's shapes), with the shapes checked."""
+    from eijax.pretrained import build_model as build_random, load_pretrained
+
+    m = config.model
+    if m.checkpoint:
+        model = load_pretrained(m.checkpoint, memory_config(config), dtype=m.dtype, param_dtype=m.param_dtype)
+        c = model.config
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            want = getattr(m, key)
+            if want and want != getattr(c, key):
+                raise ConfigError(f"model.{key}={want} (model preset {config.model_name!r}) but checkpoint "
+                                  f"{m.checkpoint!r} has {key}={getattr(c, key)}")
+        return model
+    mc = ModelConfig(family=m.family, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                     n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff,
+                     rope=RopeConfig(theta=m.rope_theta), tie_embeddings=m.tie_embeddings,
+                     qkv_bias=m.family == "qwen2", qk_norm=m.family == "qwen3", dtype=m.dtype, param_dtype=m.param_dtype)
+    return build_random(mc, memory_config(config), seed=config.run.seed)
+
+
+def load_tokenizer_for(config: Config):
+    name = config.data.tokenizer or config.model.checkpoint
+    if name == "bytes" or not name:
+        from eijax.data.byte_tokenizer import ByteTokenizer
+        return ByteTokenizer()
+    from eijax.tokenizer import load_tokenizer
+    return load_tokenizer(name)
+
+
+def data_config(config: Config, seed_offset: int = 0) -> dict[str, Any]:
+    d = config.data
+    if d.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size={d.batch_size} must divide over {jax.process_count()} processes")
+    if d.source == "synthetic":
+        sources = [dict(type="synthetic", task=t, num_samples=1_000_000, context_tokens=n)
+                   for t in d.tasks for n in d.context_lengths]
+    else:
+        sources = [dict(type="files", paths=list(d.files))]
+    return dict(sources=sources, sink=config.memory.sink, segment=config.memory.window,
+                batch_size=d.batch_size // jax.process_count(), buckets=list(d.buckets), max_segments=d.max_segments,
+                seed=config.run.seed + seed_offset, shuffle=d.shuffle, num_epochs=None,
+                question_position=d.question_position, worker_count=d.num_workers,
+                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def place(tree, shardings):
+    """Host arrays (identical on every process) -> global arrays with the given shardings."""
+    def one(x, s):
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(one, tree, shardings)
+
+
+def shard_training_state(trainable_state: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation,
+                         mesh, rules) -> tuple[dict, dict, Any, dict[str, Any]]:
+    """Place trainable (as float32) and frozen params on the mesh by their logical axes and build the
+    optimizer state for the trainable part only. Returns (trainable, frozen, opt_state, shardings)."""
+    sh_trainable = nnx.to_pure_dict(shd.state_shardings(trainable_state, mesh, rules))
+    sh_frozen = nnx.to_pure_dict(shd.state_shardings(frozen, mesh, rules))
+    trainable = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), nnx.to_pure_dict(trainable_state))
+    replicated = shd.replicated(mesh)
+    sh_opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable), sh_trainable,
+                                   transform_non_params=lambda _: replicated)
+    shardings = dict(trainable=sh_trainable, opt_state=sh_opt, frozen=sh_frozen,
+                     batch=shd.batch_sharding(mesh, rules), replicated=replicated)
+    trainable = place(trainable, sh_trainable)
+    frozen = place(nnx.to_pure_dict(frozen), sh_frozen)
+    opt_state = jax.jit(tx.init, out_shardings=sh_opt)(trainable)
+    return trainable, frozen, opt_state, shardings
+
+
+# ------------------------------------------------------------------ the run
+def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train (and evaluate) as configured. Returns a summary dict (also written to summary.json)."""
+    t_start = time.time()
+    maybe_initialize_distributed(config)
+    out = Path(config.run.output_dir)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out / "config.json", config_to_dict(config))
+
+    # model, split into trainable (float32) and frozen
+    model = build_model(config)
+    graphdef, trainable_state, frozen = split_trainable(model, config.optim.trainable)
+    n_train, n_all = count_params(trainable_state), count_params(trainable_state) + count_params(frozen)
+    log0(f"model {config.model_name}: {n_all / 1e6:.1f}M params, training {n_train:,} "
+         f"({100 * n_train / n_all:.3f}%: {config.optim.trainable})")
+    weights_fp = ckpt.weights_fingerprint(nnx.to_pure_dict(frozen))
+
+    # mesh, shardings, optimizer state (gate only)
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = shd.rules_from_config(config.mesh.logical_axis_rules)
+    tx = make_optimizer(config.optim, max(config.run.steps, 1))
+    trainable, frozen, opt_state, shardings = shard_training_state(trainable_state, frozen, tx, mesh, rules)
+    log0(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+
+    # data
+    from eijax.data.pipeline import make_iterator
+    tokenizer = load_tokenizer_for(config)
+    data_iter = make_iterator(data_config(config), tokenizer)
+
+    # checkpoints: resume if there is one
+    manager = ckpt.make_manager(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save) \
+        if config.checkpoint.enabled else None
+    meta = dict(base_checkpoint=config.model.checkpoint, arch=ckpt.arch_fingerprint(model),
+                weights_fingerprint=weights_fp, trainable_patterns=list(config.optim.trainable),
+                memory=dataclasses.asdict(config.memory), model_name=config.model_name)
+    step = 0
+    if manager is not None and config.checkpoint.resume and manager.latest_step() is not None:
+        step, trainable, opt_state = ckpt.restore(manager, model, trainable, opt_state, shardings, data_iter, weights_fp)
+        log0(f"resumed from {manager.directory}/{step}")
+
+    # evaluation
+    evaluator = None
+    summary: dict[str, Any] = {"command_config": config.run.name}
+    metrics_out = MetricsWriter(out)
+    if (config.eval.before or config.eval.after or config.eval.every) and config.eval.tasks and config.eval.lengths:
+        from eijax.train.evaluate import Evaluator, eval_samples
+        samples = eval_samples(config.eval.tasks, config.eval.lengths, config.eval.examples, config.eval.seed, tokenizer)
+        evaluator = Evaluator(model, tokenizer, samples, config.eval.max_new_tokens, config.data.question_position)
+
+    def evaluate(tag: str) -> dict[str, float]:
+        nnx.update(model, nnx.from_flat_state(_flat_update(model, trainable, config.optim.trainable)))
+        log0(f"evaluating ({tag}) at step {step}:")
+        res, rows = evaluator(log0)
+        metrics_out.write(step, res, kind=f"eval_{tag}" if tag in ("before", "after") else "eval")
+        if jax.process_index() == 0:
+            with open(out / f"eval_{tag}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        return res
+
+    if evaluator is not None and config.eval.before and step == 0:
+        summary["eval_before"] = evaluate("before")
+
+    # the step, compiled before the loop
+    chunk = config.optim.loss_chunk or config.memory.window
+    step_fn = jit_train_step(graphdef, tx, chunk, shardings)
+    compiled: dict[tuple, Any] = {}
+    schedule = learning_rate_schedule(config.optim, max(config.run.steps, 1))
+    flops_tok = model_flops_per_token(model.config, model.memory_config)
+    k = config.optim.grad_accum
+    progress = Progress(config.run.steps, initial=step)
+    losses: list[float] = []
+    tokens_seen, train_seconds = 0, 0.0
+    preempted = False
+    with ckpt.PreemptionGuard() as guard:
+        while step < config.run.steps:
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(k):
+                local = next(data_iter)
+                batch = shd.global_batch({key: local[key] for key in BATCH_KEYS}, shardings["batch"])
+                shape = batch["tokens"].shape
+                if shape not in compiled:
+                    t_c = time.perf_counter()
+                    abstract = {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings["batch"])
+                                for key, v in batch.items()}
+                    compiled[shape] = compile_step(step_fn, trainable, opt_state, frozen, abstract, progress.write)
+                    progress.write(f"  (compiled in {time.perf_counter() - t_c:.1f}s)")
+                    t0 += time.perf_counter() - t_c  # compile time is not training throughput
+                trainable, opt_state, m = compiled[shape](trainable, opt_state, frozen, batch)
+                micro.append(m)
+                tokens_seen_step = int(np.sum(local["valid"])) * jax.process_count()
+                tokens_seen += tokens_seen_step
+            m = jax.device_get(micro)
+            loss = float(np.mean([x["loss"] for x in m]))
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            step += 1
+            losses.append(loss)
+            n_tok = sum(int(np.sum(np.asarray(x["answer_tokens"]))) for x in m)
+            tok = tokens_seen_step * k
+            record = dict(loss=loss, learning_rate=float(schedule(step - 1)), grad_norm=float(m[-1]["grad_norm"]),
+                          token_accuracy=float(np.mean([x["token_accuracy"] for x in m])), answer_tokens=n_tok,
+                          tokens_per_s=tok / dt, model_tflops_per_s=tok * flops_tok / dt / 1e12,
+                          seconds_per_step=dt, **gate_stats(jax.device_get(trainable)))
+            if step % config.run.log_every == 0 or step == config.run.steps:
+                metrics_out.write(step, record)
+            progress.update(1, loss, record["tokens_per_s"], record["learning_rate"])
+            if on_step is not None:
+                on_step(step, record)
+            if manager is not None and step % config.checkpoint.every == 0:
+                ckpt.save(manager, step, trainable, opt_state, data_iter, meta)
+            if evaluator is not None and config.eval.every and step % config.eval.every == 0 and step < config.run.steps:
+                evaluate(f"step{step}")
+            if guard.requested:
+                progress.write(f"SIGTERM: saving step {step} and exiting")
+                preempted = True
+                break
+    progress.close()
+    if manager is not None:
+        if manager.latest_step() != step:
+            ckpt.save(manager, step, trainable, opt_state, data_iter, meta, force=True)
+        manager.wait_until_finished()
+        manager.close()
+
+    summary.update(steps=step, preempted=preempted, losses=losses, train_seconds=train_seconds,
+                   tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0, trainable_params=n_train,
+                   total_params=n_all, flops_per_token=flops_tok,
+                   compiled_shapes=[list(k) for k in compiled])
+    if evaluator is not None and config.eval.after and not preempted and step >= config.run.steps:
+        summary["eval_after"] = evaluate("after")
+    summary["wall_seconds"] = time.time() - t_start
+    metrics_out.close()
+    if jax.process_index() == 0:
+        ckpt.write_json(out / "summary.json", summary)
+        if config.run.report:
+            from eijax.train.report import write_report
+            write_report(out / "report.md", config, summary)
+    return summary
+
+
+def _flat_update(model, trainable: dict, patterns) -> list:
+    """(path, Variable) pairs that put the trained values into `model`."""
+    from eijax.train.optim import trainable_filter
+    state = nnx.state(model, trainable_filter(patterns))
+    nnx.replace_by_pure_dict(state, jax.device_get(trainable))
+    return list(nnx.to_flat_state(state))
