@@ -19,6 +19,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from eijax.config import MemoryConfig
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -53,17 +55,8 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"   # frozen base in memory; trainable is always float32
 
 
-@dataclasses.dataclass(frozen=True)
-class MemorySection:
-    sink: int = 64
-    window: int = 512
-    rule: Literal["linear", "delta"] = "linear"
-    gate: Literal["linear", "head_linear", "scalar"] = "linear"
-    gate_init: float = 0.05
-    eps: float = 1e-6
-    enabled: bool = True
-    remat: Literal["none", "segment", "layer", "both"] = "segment"
-    stop_gradient_every: int = 0
+# The memory section is eijax.config.MemoryConfig itself: one definition, validated by its own checks.
+MemorySection = MemoryConfig
 
 
 @dataclasses.dataclass(frozen=True)
