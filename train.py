@@ -14,6 +14,11 @@ import sys
 
 
 def main(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        print("\nEvery key, its type and default: configs/base.yaml. Run outputs: <run.output_dir>/"
+              "{report.md, summary.json, metrics.jsonl, tensorboard/, checkpoints/}.")
+        return
     from eijax.train.config_schema import ConfigError, load_config
 
     experiment = argv[0] if argv and "=" not in argv[0] else None
