@@ -1,0 +1,78 @@
+"""Shared helpers for the benchmarks: SmolLM2-shaped models, a child-process runner that reports
+peak RSS (ru_maxrss), and this machine's measured matmul peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+# SmolLM2-135M-Instruct's shape (MODEL_API facts); random weights give the same compute.
+SMOLLM2_HF = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192,
+                  rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+
+
+def smollm2_shaped(memory, layers: int = 30, max_position: int = 8192, real: bool = False):
+    """SmolLM2 (optionally with fewer layers); `real` loads the packaged weights (all 30 layers)."""
+    from eijax.config import model_config_from_hf
+    from eijax.pretrained import build_model, load_pretrained
+
+    if real:
+        return load_pretrained("smollm2", memory)
+    hf = dict(SMOLLM2_HF, num_hidden_layers=layers, max_position_embeddings=max_position)
+    return build_model(model_config_from_hf(hf), memory)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_child(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
+    """Run `python -m module --child ...` in a fresh process; it prints one JSON line last."""
+    cmd = [sys.executable, "-m", module, "--child", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 matmul FLOP/s over a few jitted [n, n] @ [n, n] products."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def timed(fn, *args, repeats: int = 3) -> tuple[float, Any]:
+    """(best seconds over `repeats` calls after one warm-up call, last output)."""
+    import jax
+
+    out = jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best, out

@@ -1,0 +1,105 @@
+"""Long-context evaluation harness: EdgeInfinite vs full attention vs sink+window.
+
+    python -m eijax.eval --model smollm2 --tasks passkey,multikey --lengths 1024,2048,4096 \
+        --depths 0.1,0.5,0.9 --samples 2 --out runs/eval_smollm2
+    python -m eijax.eval --model smollm2 --tasks none --longbench data/qasper.jsonl --ppl-file book.txt
+
+Writes to --out: rows.jsonl (one row per example and method), table.md and table.csv
+(task x length x method), accuracy_vs_length.png, passkey_heatmap.png, perplexity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from eijax.config import MemoryConfig
+from eijax.eval import report
+from eijax.eval.tasks import longbench_examples, perplexity_rows, run_examples, synthetic_examples
+from eijax.generate import METHODS, load_model
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _depths(text: str) -> list[float | None]:
+    return [None if x == "random" else float(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eijax.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="registered name, HF folder or .gguf file")
+    p.add_argument("--tokenizer", help="tokenizer name/path (default: --model)")
+    p.add_argument("--checkpoint", help="eijax training checkpoint folder (trained gate)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-context", type=int, help="cap for `full` (default: the model's max_position)")
+    p.add_argument("--tasks", default="passkey,multikey", help="synthetic tasks (comma list, or 'none')")
+    p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens (also LongBench buckets)")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0,1], or 'random'")
+    p.add_argument("--samples", type=int, default=2, help="examples per (task, length, depth)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--longbench", nargs="*", default=[], help="LongBench-format JSONL files")
+    p.add_argument("--longbench-metric", default="auto", choices=("auto", "qa_f1", "rouge_l"))
+    p.add_argument("--longbench-samples", type=int, default=20)
+    p.add_argument("--longbench-max-new-tokens", type=int, default=64)
+    p.add_argument("--ppl-file", help="a long text file for per-segment perplexity")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="score the first N tokens of --ppl-file")
+    p.add_argument("--chunks", default="", help="prefill chunk sizes, e.g. 256,64,16 (default: eijax.generate's)")
+    p.add_argument("--out", default="runs/eval")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = parse_args(argv)
+    from eijax.tokenizer import load_tokenizer
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in a.methods.split(",") if m]
+    bad = set(methods) - set(METHODS)
+    if bad:
+        raise SystemExit(f"unknown methods {sorted(bad)}; choose from {METHODS}")
+    t_start = time.perf_counter()
+    tokenizer = load_tokenizer(a.tokenizer or a.model)
+    model = load_model(a.model, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    lengths = _ints(a.lengths)
+    examples = []
+    for task in [t for t in a.tasks.split(",") if t and t != "none"]:
+        examples += synthetic_examples(tokenizer, task, lengths, _depths(a.depths), a.samples, a.seed, a.max_new_tokens)
+    for path in a.longbench:
+        examples += longbench_examples(tokenizer, path, lengths, a.longbench_samples, a.longbench_max_new_tokens,
+                                       a.longbench_metric)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log(f"{len(examples)} examples x {len(methods)} methods; sink={a.sink} window={a.window}")
+    chunks = _ints(a.chunks) or None
+    rows = run_examples(model, tokenizer, examples, methods, max_context=a.max_context, chunk_sizes=chunks, log=log)
+    if a.ppl_file:
+        text = Path(a.ppl_file).read_text(encoding="utf-8")
+        tokens = tokenizer.encode(text, add_special_tokens=False)[: a.ppl_tokens]
+        rows += perplexity_rows(model, tokens, methods, max_context=a.max_context, log=log)
+    with (out / "rows.jsonl").open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    table = report.markdown_table(rows)
+    (out / "table.md").write_text(table, encoding="utf-8")
+    report.write_csv(report.aggregate(rows), out / "table.csv")
+    plots = {name: fn(rows, out / name) for name, fn in [("accuracy_vs_length.png", report.plot_accuracy_vs_length),
+                                                         ("passkey_heatmap.png", report.plot_depth_heatmap),
+                                                         ("perplexity.png", report.plot_perplexity)]}
+    wall = time.perf_counter() - t_start
+    print(table)
+    print(f"wall time {wall:.0f}s; wrote {out}/rows.jsonl, table.md, table.csv, "
+          + ", ".join(n for n, ok in plots.items() if ok))
+    return {"rows": rows, "table": table, "plots": [n for n, ok in plots.items() if ok], "wall_s": wall}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Tables (Markdown, CSV) and plots (PNG, matplotlib Agg) of evaluation rows."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def aggregate(rows: Sequence[dict[str, Any]], keys: Sequence[str] = ("task", "length", "method")) -> list[dict[str, Any]]:
+    """Mean score (and count, mean seconds) per key tuple, in first-seen order."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r.get(k) for k in keys)].append(r)
+    out = []
+    for key, group in groups.items():
+        secs = [g["seconds"] for g in group if "seconds" in g]
+        out.append({**dict(zip(keys, key)), "score": float(np.mean([g["score"] for g in group])), "n": len(group),
+                    "seconds": float(np.mean(secs)) if secs else None})
+    return out
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """task x length rows, one column per method (mean score; perplexity for task 'ppl')."""
+    agg = aggregate([r for r in rows if r["task"] != "ppl"])
+    agg += aggregate([r for r in rows if r["task"] == "ppl"], ("task", "length", "method"))
+    methods = list(dict.fromkeys(a["method"] for a in agg))
+    cells: dict[tuple, dict[str, str]] = defaultdict(dict)
+    counts: dict[tuple, int] = {}
+    for a in agg:
+        cells[(a["task"], a["length"])][a["method"]] = f"{a['score']:.3f}"
+        counts[(a["task"], a["length"])] = a["n"]
+    lines = ["| task | length | n | " + " | ".join(methods) + " |", "|" + "---|" * (3 + len(methods))]
+    for (task, length), by_method in cells.items():
+        lines.append(f"| {task} | {length} | {counts[(task, length)]} | "
+                     + " | ".join(by_method.get(m, "-") for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    """One panel per task, one line per method. Returns False when there is nothing to plot."""
+    agg = aggregate([r for r in rows if r["task"] != "ppl"])
+    tasks = list(dict.fromkeys(a["task"] for a in agg))
+    if not tasks:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in dict.fromkeys(a["method"] for a in agg if a["task"] == task):
+            pts = sorted((a["length"], a["score"]) for a in agg if a["task"] == task and a["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task)
+        ax.set_xlabel("input tokens")
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_depth_heatmap(rows: Sequence[dict[str, Any]], path: Path, task: str = "passkey") -> bool:
+    """Depth x length accuracy, one panel per method."""
+    sel = [r for r in rows if r["task"] == task and r.get("depth") is not None]
+    if not sel:
+        return False
+    agg = aggregate(sel, ("method", "depth", "length"))
+    methods = list(dict.fromkeys(a["method"] for a in agg))
+    depths = sorted({a["depth"] for a in agg})
+    lengths = sorted({a["length"] for a in agg})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for a in agg:
+            if a["method"] == method:
+                grid[depths.index(a["depth"]), lengths.index(a["length"])] = a["score"]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_xlabel("input tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{task}: {method}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    sel = [r for r in rows if r["task"] == "ppl"]
+    if not sel:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method in dict.fromkeys(r["method"] for r in sel):
+        pts = [(r["end"], r["score"]) for r in sel if r["method"] == method]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=method)
+    ax.set_xlabel("position (end of segment)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

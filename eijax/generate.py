@@ -1,0 +1,392 @@
+"""Constant-memory long-context generation (DESIGN §1.3, §1.4) and the baselines on the same path.
+
+An input of any length streams through the fixed-size cache: jitted prefill in a few fixed chunk
+sizes (the last chunk of a run is right-padded; the model advances `fill` by the valid count), the
+window is folded into memory whenever it is full and more tokens come, then decoding goes on one
+token at a time, folding again whenever the window fills. Nothing grows with the input length.
+
+Methods (one code path, different `MemoryConfig`s, same parameters):
+    edgeinfinite  sink + window + compressive memory (the model's own config, memory on)
+    streaming     sink + window, memory off: the window is dropped when full (StreamingLLM-style,
+                  block-wise rather than rolling, because slots are positions)
+    full          plain attention over everything: sink=0, one window holding prompt + generation,
+                  capped at the model's context (longer prompts lose their middle, as LongBench does)
+
+Routing: a prompt that fits in sink + window is prefilled from slot 0 and never touches memory,
+so it *is* the base model. Document + question mode uses the training layout (question-last): the
+document streams, its partial window is folded into memory, and the question starts a fresh segment.
+
+CLI:  python -m eijax.generate --model smollm2 --prompt "..." [--document FILE] [--method ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eijax.config import MemoryConfig
+from eijax.model import EdgeInfiniteLM, State
+
+Method = Literal["edgeinfinite", "streaming", "full"]
+METHODS: tuple[str, ...] = ("edgeinfinite", "streaming", "full")
+DEFAULT_CHUNKS: tuple[int, ...] = (256, 64, 16, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0   # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+
+
+class Generation(NamedTuple):
+    tokens: list[int]          # generated ids (the stop token, if hit, is not included)
+    prompt_tokens: int         # prompt length actually fed (after `full` truncation)
+    route: str                 # "plain" (fits in sink + window) or "stream"
+    time_to_first_token: float  # seconds from the start of prefill to the first sampled token
+    seconds: float
+
+
+# ------------------------------------------------------------------ methods and routing
+def memory_config_for(method: str, base: MemoryConfig, total_tokens: int = 0, max_context: int = 8192) -> MemoryConfig:
+    """The MemoryConfig that implements `method` (see module docstring)."""
+    if method == "edgeinfinite":
+        return dataclasses.replace(base, enabled=True)
+    if method == "streaming":
+        return dataclasses.replace(base, enabled=False)
+    if method == "full":
+        return dataclasses.replace(base, sink=0, window=max(1, min(total_tokens, max_context)), enabled=False)
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+# MemoryConfig fields that change no parameter, only static attributes reset below.
+_RUNTIME_FIELDS = frozenset({"sink", "window", "enabled", "rule", "eps", "remat", "stop_gradient_every"})
+
+
+def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
+    """The same parameter arrays under another MemoryConfig (gate shapes do not depend on sink/window).
+
+    A structural copy (nnx.merge of the model's own graph and state) with the memory-derived static
+    attributes reset; rebuilding the module would re-initialise every parameter first.
+    """
+    if memory == model.memory_config:
+        return model
+    changed = {f.name for f in dataclasses.fields(memory) if getattr(memory, f.name) != getattr(model.memory_config, f.name)}
+    if changed - _RUNTIME_FIELDS:  # these change parameters (gate type, adapter): not a method switch
+        raise ValueError(f"a method may change only {sorted(_RUNTIME_FIELDS)}; got {sorted(changed)}")
+    graphdef, state = nnx.split(model)
+    twin = nnx.merge(graphdef, state)
+    twin.memory_config = memory
+    twin.blocks.use_memory = memory.enabled
+    twin.blocks.mem_eps = memory.eps
+    return twin
+
+
+def route(n_tokens: int, memory: MemoryConfig) -> str:
+    """"plain" when the prompt fits in sink + window (memory is never written), else "stream"."""
+    return "plain" if n_tokens <= memory.cache_size else "stream"
+
+
+def truncate_middle(tokens: Sequence[int], keep: int) -> list[int]:
+    """Keep the head and tail of the document (the S-SFT fitting rule, eijax.data.layout.drop_middle)."""
+    from eijax.data.layout import drop_middle
+
+    return drop_middle(list(tokens), keep)
+
+
+# ------------------------------------------------------------------ sampling
+def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """logits [B, V] -> ids [B]: greedy when temperature == 0, else temperature + nucleus (top-p)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token: the top one is always kept
+    kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    pick = jax.random.categorical(key, kept, axis=-1)
+    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ jitted pieces (params are arguments, not constants)
+def _prefill_chunk(graphdef, params, state, tokens, valid, last):
+    model = nnx.merge(graphdef, params)
+    hidden, state = model.prefill(state, tokens, valid)
+    return model.logits(hidden[:, last]), state
+
+
+def _score_chunk(graphdef, params, state, tokens, valid, targets):
+    """Per-token negative log-likelihood of `targets` (next tokens) for one chunk."""
+    model = nnx.merge(graphdef, params)
+    hidden, state = model.prefill(state, tokens, valid)
+    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return nll, state
+
+
+def _compress(graphdef, params, state):
+    return nnx.merge(graphdef, params).compress(state)
+
+
+def _decode_step(graphdef, params, state, token, key, temperature, top_p):
+    """Feed one token (folding a full window first), sample the next."""
+    model = nnx.merge(graphdef, params)
+    full = state.fill >= model.memory_config.cache_size
+    state = jax.lax.cond(full, model.compress, lambda s: s, state)
+    hidden, state = model.prefill(state, token[:, None])
+    logits = model.logits(hidden[:, 0])
+    return sample_token(logits, key, temperature, top_p), logits, state
+
+
+class Engine:
+    """One model under one MemoryConfig, with its compiled steps. State is passed in and returned.
+
+    Batch 1: prompts are token lists. Chunk sizes are the fixed prefill shapes; each run of tokens
+    goes in the largest chunk that fits in the room left in the cache (padded when it is the last).
+    """
+
+    def __init__(self, model: EdgeInfiniteLM, chunk_sizes: Sequence[int] = DEFAULT_CHUNKS):
+        self.model = model
+        self.memory_config = model.memory_config
+        self.cache_size = model.memory_config.cache_size
+        self.chunk_sizes = tuple(sorted({int(c) for c in chunk_sizes} | {1}, reverse=True))
+        self.graphdef, self.params = nnx.split(model)
+        g = self.graphdef
+        # The state is donated: the old cache buffers are reused, so memory stays at one cache.
+        self._prefill = jax.jit(functools.partial(_prefill_chunk, g), donate_argnums=1)
+        self._score = jax.jit(functools.partial(_score_chunk, g), donate_argnums=1)
+        self._compress = jax.jit(functools.partial(_compress, g), donate_argnums=1)
+        self._decode = jax.jit(functools.partial(_decode_step, g), donate_argnums=1)
+
+    def init_state(self) -> State:
+        return self.model.init_state(1)
+
+    def _chunks(self, fill: int, n_tokens: int) -> Iterator[tuple[int, int, int, bool]]:
+        """(start, n_valid, chunk_size, compress_first) over a run of n_tokens starting at `fill`."""
+        done = 0
+        while done < n_tokens:
+            fold = fill >= self.cache_size
+            if fold:
+                fill = min(fill, self.memory_config.sink)
+            room = self.cache_size - fill
+            left = n_tokens - done
+            # The tail in one padded call when a chunk holds it, else the largest full chunk.
+            padded = [c for c in self.chunk_sizes if left <= c <= room]
+            size = min(padded) if padded else max(c for c in self.chunk_sizes if c <= min(room, left))
+            n = min(size, left, room)
+            yield done, n, size, fold
+            done += n
+            fill += n
+
+    def _feed(self, state: State, tokens: Sequence[int], step: Callable, extra: np.ndarray | None = None):
+        """Run `tokens` through the cache in chunks, folding when full; returns (outputs, state)."""
+        outs = []
+        fill = int(state.fill)
+        for start, n, size, fold in self._chunks(fill, len(tokens)):
+            if fold:
+                state = self._compress(self.params, state)
+                fill = min(fill, self.memory_config.sink)
+            chunk = np.zeros((1, size), np.int32)
+            chunk[0, :n] = tokens[start:start + n]
+            valid = np.zeros((1, size), bool)
+            valid[0, :n] = True
+            if extra is None:
+                out, state = step(self.params, state, chunk, valid, jnp.int32(n - 1))
+            else:
+                tgt = np.zeros((1, size), np.int32)
+                tgt[0, :n] = extra[start:start + n]
+                out, state = step(self.params, state, chunk, valid, tgt)
+            outs.append((out, n))
+            fill += n
+        return outs, state
+
+    def prefill(self, state: State, tokens: Sequence[int]) -> tuple[jax.Array, State]:
+        """Stream tokens of any length in; returns (logits [1, V] of the last token, state)."""
+        if not len(tokens):
+            raise ValueError("prefill needs at least one token")
+        outs, state = self._feed(state, tokens, self._prefill)
+        return outs[-1][0], state
+
+    def compress(self, state: State) -> State:
+        return self._compress(self.params, state)
+
+    def score(self, state: State, tokens: Sequence[int]) -> tuple[np.ndarray, State]:
+        """NLL of tokens[1:] given their prefixes, streamed through the cache: float [len-1]."""
+        targets = np.append(np.asarray(tokens[1:], np.int32), 0)
+        outs, state = self._feed(state, tokens, self._score, targets)
+        nll = np.concatenate([np.asarray(o)[0, :n] for o, n in outs])
+        return nll[:-1], state
+
+    def decode(self, state: State, logits: jax.Array, sampling: SamplingConfig) -> Iterator[int]:
+        """Yield sampled ids, starting from the prompt's last logits; stops at a stop id or the budget."""
+        key = jax.random.PRNGKey(sampling.seed)
+        temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
+        key, sub = jax.random.split(key)
+        token = sample_token(logits, sub, temperature, top_p)
+        for i in range(sampling.max_new_tokens):
+            t = int(token[0])
+            if t in sampling.stop_ids:
+                return
+            yield t
+            if i + 1 == sampling.max_new_tokens:
+                return
+            key, sub = jax.random.split(key)
+            token, _, state = self._decode(self.params, state, token, sub, temperature, top_p)
+
+
+# ------------------------------------------------------------------ high-level API
+class Generator:
+    """Generation with one of METHODS over a loaded model. Engines are built once per cache shape."""
+
+    def __init__(self, model: EdgeInfiniteLM, method: str = "edgeinfinite", *, chunk_sizes: Sequence[int] = DEFAULT_CHUNKS,
+                 max_context: int | None = None, full_bucket: int = 1024):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        self.model, self.method, self.chunk_sizes = model, method, tuple(chunk_sizes)
+        self.max_context = int(max_context or model.config.max_position)
+        self.full_bucket = full_bucket  # `full` rounds its cache up to a multiple of this (fewer compiles)
+        self._engines: dict[MemoryConfig, Engine] = {}
+
+    def refresh_params(self) -> None:
+        """Engines copy the parameters when built; call after the model's parameters change (training)."""
+        for engine in self._engines.values():
+            engine.params = nnx.state(self.model)
+
+    def engine_for(self, total_tokens: int) -> Engine:
+        total = -(-total_tokens // self.full_bucket) * self.full_bucket if self.method == "full" else total_tokens
+        mem = memory_config_for(self.method, self.model.memory_config, total, self.max_context)
+        if mem not in self._engines:
+            self._engines[mem] = Engine(with_memory_config(self.model, mem), self.chunk_sizes)
+        return self._engines[mem]
+
+    def _fit_full(self, parts: list[list[int]], max_new: int) -> list[list[int]]:
+        """`full` only: shorten the first part (the document) in the middle so everything fits."""
+        budget = self.max_context - max_new - sum(len(p) for p in parts[1:])
+        if budget < 1:
+            raise ValueError(f"max_new_tokens={max_new} plus the question leave no room in a context of {self.max_context}")
+        return [truncate_middle(parts[0], budget), *parts[1:]]
+
+    def prefill(self, prompt: Sequence[int], question: Sequence[int] | None = None, max_new_tokens: int = 0
+                ) -> tuple[jax.Array, State, Engine, int, str]:
+        """Prompt (or document + question) into a fresh state: (last logits, state, engine, n_prompt, route)."""
+        parts = [p for p in ([list(prompt)] + ([list(question)] if question is not None else [])) if p]
+        if not parts:
+            raise ValueError("empty prompt")
+        if self.method == "full":
+            parts = self._fit_full(parts, max_new_tokens)
+        n_prompt = sum(len(p) for p in parts)
+        engine = self.engine_for(n_prompt + max_new_tokens)
+        kind = route(n_prompt, engine.memory_config)
+        state = engine.init_state()
+        if kind == "plain" or len(parts) == 1 or self.method == "full":
+            logits, state = engine.prefill(state, [t for p in parts for t in p])
+        else:  # question-last: the document's partial window goes to memory; the question starts a segment
+            _, state = engine.prefill(state, parts[0])
+            state = engine.compress(state)
+            logits, state = engine.prefill(state, parts[1])
+        return logits, state, engine, n_prompt, kind
+
+    def generate(self, prompt: Sequence[int], sampling: SamplingConfig = SamplingConfig(), *,
+                 question: Sequence[int] | None = None, on_token: Callable[[int], None] | None = None) -> Generation:
+        """Generate after `prompt`; with `question`, prompt is a document and the question-last layout is used."""
+        t0 = time.perf_counter()
+        logits, state, engine, n_prompt, kind = self.prefill(prompt, question, sampling.max_new_tokens)
+        tokens, ttft = [], None
+        for t in engine.decode(state, logits, sampling):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            tokens.append(t)
+            if on_token is not None:
+                on_token(t)
+        total = time.perf_counter() - t0
+        return Generation(tokens, n_prompt, kind, ttft if ttft is not None else total, total)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        """Per-token NLL of tokens[1:] (`full`: only the first max_context tokens are scored)."""
+        tokens = list(tokens)[: self.max_context] if self.method == "full" else list(tokens)
+        engine = self.engine_for(len(tokens))
+        nll, _ = engine.score(engine.init_state(), tokens)
+        return nll
+
+
+# ------------------------------------------------------------------ model loading shared with eval
+def load_model(name_or_path: str, memory: MemoryConfig, checkpoint: str | None = None) -> EdgeInfiniteLM:
+    """A base model (HF folder, GGUF or registered name; gate at its initial value), plus trained gate
+    parameters from an eijax training checkpoint when given."""
+    from eijax.pretrained import load_pretrained
+
+    model = load_pretrained(name_or_path, memory)
+    if checkpoint:
+        try:
+            from eijax.train.checkpointing import restore_params
+        except ImportError as e:  # the trainer's checkpoint module is not in this tree
+            raise SystemExit(f"--checkpoint needs eijax.train.checkpointing.restore_params: {e}") from None
+        restore_params(model, checkpoint)
+    return model
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """End-of-sequence and end-of-turn ids of a tokenizer."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def prompt_parts(tokenizer, question: str, document: str = "") -> tuple[list[int], list[int]]:
+    """(document part, question part) in the chat layout used by S-SFT (eijax.data.records.render_parts):
+    the document part ends with the document; the question part carries the rest of the prompt."""
+    from eijax.data.records import QARecord, render_parts
+
+    parts = render_parts(QARecord(document, question, ""), tokenizer, "last")
+    return parts.ctx, parts.query
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m eijax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="registered name, HF folder or .gguf file")
+    p.add_argument("--checkpoint", help="eijax training checkpoint (trained gate)")
+    p.add_argument("--method", default="edgeinfinite", choices=METHODS)
+    p.add_argument("--prompt", required=True, help="the user message (the question in document mode)")
+    p.add_argument("--document", help="text file: document + question mode (question-last, as in S-SFT)")
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+
+    from eijax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(a.model)
+    model = load_model(a.model, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    gen = Generator(model, a.method)
+    document = ""
+    if a.document:
+        with open(a.document, encoding="utf-8") as f:
+            document = f.read()
+    if a.raw:
+        prompt, question = tok.encode(document, add_special_tokens=False), tok.encode(a.prompt, add_special_tokens=False)
+    else:
+        prompt, question = prompt_parts(tok, a.prompt, document)
+    sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed, stop_ids(tok))
+    out = gen.generate(prompt, sampling, question=question,
+                       on_token=lambda t: print(tok.decode([t]), end="", flush=True))
+    print(f"\n[{a.method}] prompt {out.prompt_tokens} tokens, route {out.route}, "
+          f"first token {out.time_to_first_token:.2f}s, {len(out.tokens)} tokens in {out.seconds:.2f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Evaluation harness: metrics against hand-computed values, and the CLI end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from eijax.eval.metrics import lcs_length, metric_for_dataset, qa_f1, rouge_l
+
+
+def _lcs_table(a, b):  # textbook O(n*m) dynamic programme, the reference
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def test_qa_f1_hand_computed():
+    # normalised: "cat sat on mat" vs "cat on mat": 3 shared, P = 3/4, R = 1 -> F1 = 6/7
+    assert qa_f1("The cat sat on the mat.", "a cat on a mat") == pytest.approx(6 / 7)
+    assert qa_f1("Paris", ["London", "paris!"]) == 1.0          # best reference, case/punct-free
+    assert qa_f1("blue", "red") == 0.0
+    assert qa_f1("", "red") == 0.0
+    # repeated tokens count once per occurrence: "a a b" -> [b] (article removed) vs "b b": 1 shared
+    assert qa_f1("x x y", "x y y") == pytest.approx(2 / 3)
+
+
+def test_rouge_l_hand_computed():
+    # Lin (2004): LCS("police killed the gunman", "police kill the gunman") = 3 -> P = R = F = 3/4
+    assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+    # "the gunman kill police" vs "police killed the gunman": LCS = "the gunman" = 2 -> 1/2
+    assert rouge_l("the gunman kill police", "police killed the gunman") == pytest.approx(0.5)
+    # unequal lengths: pred 2 tokens, ref 4, LCS 2 -> P = 1, R = 1/2, F = 2/3
+    assert rouge_l("Police, gunman!", "police killed the gunman") == pytest.approx(2 / 3)
+    assert rouge_l("nothing shared", ["zzz", "police"]) == 0.0
+
+
+def test_lcs_matches_dynamic_programme_and_has_no_recursion_limit():
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.randint(0, 5) for _ in range(rng.randint(0, 40))]
+        b = [rng.randint(0, 5) for _ in range(rng.randint(0, 40))]
+        assert lcs_length(a, b) == _lcs_table(a, b)
+    long = [rng.randint(0, 30) for _ in range(20000)]
+    assert lcs_length(long, long) == 20000
+    assert lcs_length(long, ["absent"] * 5000) == 0
+
+
+def test_longbench_metric_choice():
+    assert metric_for_dataset("data/gov_report.jsonl") == "rouge_l"
+    assert metric_for_dataset("hotpotqa_e.jsonl") == "qa_f1"
+    assert metric_for_dataset("my_set.jsonl") == "qa_f1"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 1-layer random Llama with SmolLM2's tokenizer (so the real synthetic tasks and template apply)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from eijax.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_smol")
+    tok = load_tokenizer("smollm2")
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                      intermediate_size=48, vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_harness_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
+    from eijax.eval.__main__ import main
+
+    lb = tmp_path / "qasper.jsonl"
+    with lb.open("w") as f:
+        for i in range(2):
+            f.write(json.dumps({"input": f"Question {i}?", "context": "Some context. " * (40 + 60 * i),
+                                "answers": ["an answer"]}) + "\n")
+    text = tmp_path / "book.txt"
+    text.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 60)
+    out = tmp_path / "out"
+    res = main(["--model", str(tiny_model_dir), "--sink", "16", "--window", "112", "--lengths", "256,600",
+                "--depths", "0.2,0.8", "--samples", "1", "--max-new-tokens", "3", "--longbench", str(lb),
+                "--longbench-max-new-tokens", "3", "--ppl-file", str(text), "--ppl-tokens", "400",
+                "--chunks", "64,16", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    qa = [r for r in rows if r["task"] != "ppl"]
+    assert len(qa) == 3 * (2 * 2 * 2 + 2)  # methods x (tasks x lengths x depths + longbench records)
+    assert {r["method"] for r in rows} == {"edgeinfinite", "streaming", "full"}
+    assert all(0.0 <= r["score"] <= 1.0 for r in qa)
+    long_rows = [r for r in qa if r["length"] == 600 and r["task"] == "passkey"]
+    assert {r["route"] for r in long_rows if r["method"] != "full"} == {"stream"}
+    ppl = [r for r in rows if r["task"] == "ppl"]
+    assert {r["segment"] for r in ppl if r["method"] == "edgeinfinite"} == {0, 1, 2, 3}  # 128, +112, +112, rest
+    assert all(r["score"] > 1.0 for r in ppl)
+    table = (out / "table.md").read_text()
+    assert "| passkey | 600 |" in table and "qasper:qa_f1" in table
+    for name in ("accuracy_vs_length.png", "passkey_heatmap.png", "perplexity.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert res["plots"] == ["accuracy_vs_length.png", "passkey_heatmap.png", "perplexity.png"]
