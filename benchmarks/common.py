@@ -49,22 +49,6 @@ def run_child(module: str, args: list[str], timeout: float = 1800) -> dict[str, 
     return json.loads(lines[-1])
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best float32 matmul FLOP/s over a few jitted [n, n] @ [n, n] products."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def timed(fn, *args, repeats: int = 3) -> tuple[float, Any]:
     """(best seconds over `repeats` calls after one warm-up call, last output)."""
     import jax

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import matmul_peak_flops, smollm2_shaped, timed
+from benchmarks.common import smollm2_shaped, timed
+from eijax.train.flops import matmul_peak_flops
 from eijax.config import MemoryConfig
 
 
@@ -48,7 +49,7 @@ def gate_step(model, chunk: int = 128):
 def model_flops(model, n_tokens: int) -> float:
     """Analytic model FLOPs of one step (the trainer's count; XLA's cost_analysis counts a scan body
     once, not once per segment, so it cannot be used here)."""
-    from eijax.train.step import model_flops_per_token
+    from eijax.train.flops import model_flops_per_token
 
     return model_flops_per_token(model.config, model.memory_config) * n_tokens
 

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from eijax.config import MemoryConfig
-from eijax.model import EdgeInfiniteLM, State
+from eijax.model import EdgeInfiniteLM, State, with_memory_config
 
 Method = Literal["edgeinfinite", "streaming", "full"]
 METHODS: tuple[str, ...] = ("edgeinfinite", "streaming", "full")
@@ -71,28 +71,6 @@ def memory_config_for(method: str, base: MemoryConfig, total_tokens: int = 0, ma
 
 
 # MemoryConfig fields that change no parameter, only static attributes reset below.
-_RUNTIME_FIELDS = frozenset({"sink", "window", "enabled", "rule", "eps", "remat", "stop_gradient_every"})
-
-
-def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
-    """The same parameter arrays under another MemoryConfig (gate shapes do not depend on sink/window).
-
-    A structural copy (nnx.merge of the model's own graph and state) with the memory-derived static
-    attributes reset; rebuilding the module would re-initialise every parameter first.
-    """
-    if memory == model.memory_config:
-        return model
-    changed = {f.name for f in dataclasses.fields(memory) if getattr(memory, f.name) != getattr(model.memory_config, f.name)}
-    if changed - _RUNTIME_FIELDS:  # these change parameters (gate type, adapter): not a method switch
-        raise ValueError(f"a method may change only {sorted(_RUNTIME_FIELDS)}; got {sorted(changed)}")
-    graphdef, state = nnx.split(model)
-    twin = nnx.merge(graphdef, state)
-    twin.memory_config = memory
-    twin.blocks.use_memory = memory.enabled
-    twin.blocks.mem_eps = memory.eps
-    return twin
-
-
 def route(n_tokens: int, memory: MemoryConfig) -> str:
     """"plain" when the prompt fits in sink + window (memory is never written), else "stream"."""
     return "plain" if n_tokens <= memory.cache_size else "stream"
@@ -338,9 +316,13 @@ def load_model(name_or_path: str, memory: MemoryConfig, checkpoint: str | None =
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """End-of-sequence and end-of-turn ids of a tokenizer."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+    """End-of-sequence and end-of-turn (<|im_end|>, when the vocabulary has it) ids of a tokenizer."""
+    ids = {tokenizer.eos_token_id}
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is not None:
+        ids.add(convert("<|im_end|>"))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
 
 def prompt_parts(tokenizer, question: str, document: str = "") -> tuple[list[int], list[int]]:

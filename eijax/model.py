@@ -180,6 +180,20 @@ class EdgeInfiniteLM(nnx.Module):
         return self.logits(self.forward(tokens, valid))
 
 
+def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
+    """The same parameter arrays (shared, not copied) under another MemoryConfig, e.g. another
+    sink/window or memory off for the baselines. Gate type and adapter are parameters: they must match."""
+    old = model.memory_config
+    if memory == old:
+        return model
+    if (memory.gate, memory.adapter) != (old.gate, old.adapter):
+        raise ValueError(f"gate/adapter change the parameters: have gate={old.gate!r} adapter={old.adapter}, "
+                         f"asked gate={memory.gate!r} adapter={memory.adapter}")
+    twin = nnx.eval_shape(lambda: EdgeInfiniteLM(model.config, memory, rngs=nnx.Rngs(0)))
+    nnx.update(twin, nnx.state(model))
+    return twin
+
+
 def layout_length(n_tokens: int, memory: MemoryConfig) -> int:
     """Smallest sink + n*window (n >= 1) that holds n_tokens."""
     n_seg = max(1, -(-(n_tokens - memory.sink) // memory.window))

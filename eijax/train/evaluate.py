@@ -7,11 +7,9 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from flax import nnx
-
 from eijax.data.records import as_record, render_parts
 from eijax.data.synthetic import SyntheticSource, score_answer
-from eijax.generate import Generator, SamplingConfig
+from eijax.generate import Generator, SamplingConfig, stop_ids
 
 
 def eval_samples(tasks: Sequence[str], lengths: Sequence[int], examples: int, seed: int,
@@ -20,15 +18,6 @@ def eval_samples(tasks: Sequence[str], lengths: Sequence[int], examples: int, se
     return {(t, n): [s for s in SyntheticSource(t, num_samples=examples, seed=seed, tokenizer=tokenizer,
                                                  context_tokens=n)]
             for t in tasks for n in lengths}
-
-
-def stop_ids(tokenizer: Any) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if convert is not None:
-        ids.add(convert("<|im_end|>"))
-    unk = getattr(tokenizer, "unk_token_id", None)
-    return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
 
 class Evaluator:
@@ -44,8 +33,7 @@ class Evaluator:
 
     def __call__(self, log=print) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Returns ({"acc/<task>/<len>": accuracy, ...}, per-example rows)."""
-        for engine in self.generator._engines.values():  # engines hold the params they were built with
-            engine.params = nnx.state(engine.model)
+        self.generator.refresh_params()  # engines hold the params they were built with
         metrics: dict[str, float] = {}
         rows = []
         t0 = time.perf_counter()

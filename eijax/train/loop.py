@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -23,7 +22,8 @@ from eijax.train import sharding as shd
 from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
 from eijax.train.optim import count_params, learning_rate_schedule, make_optimizer, split_trainable
-from eijax.train.step import compile_step, jit_train_step, model_flops_per_token
+from eijax.train.flops import matmul_peak_flops, model_flops_per_token
+from eijax.train.step import compile_step, jit_train_step
 
 BATCH_KEYS = ("tokens", "valid", "labels", "loss_mask")
 
@@ -190,6 +190,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
     compiled: dict[tuple, Any] = {}
     schedule = learning_rate_schedule(config.optim, max(config.run.steps, 1))
     flops_tok = model_flops_per_token(model.config, model.memory_config)
+    peak_flops = matmul_peak_flops(dtype=config.model.dtype) * jax.device_count()  # measured, all devices
     k = config.optim.grad_accum
     progress = Progress(config.run.steps, initial=step)
     losses: list[float] = []
@@ -225,6 +226,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
             record = dict(loss=loss, learning_rate=float(schedule(step - 1)), grad_norm=float(m[-1]["grad_norm"]),
                           token_accuracy=float(np.mean([x["token_accuracy"] for x in m])), answer_tokens=n_tok,
                           tokens_per_s=tok / dt, model_tflops_per_s=tok * flops_tok / dt / 1e12,
+                          mfu=tok * flops_tok / dt / peak_flops,
                           seconds_per_step=dt, **gate_stats(jax.device_get(trainable)))
             if step % config.run.log_every == 0 or step == config.run.steps:
                 metrics_out.write(step, record)
@@ -248,7 +250,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
 
     summary.update(steps=step, preempted=preempted, losses=losses, train_seconds=train_seconds,
                    tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0, trainable_params=n_train,
-                   total_params=n_all, flops_per_token=flops_tok,
+                   total_params=n_all, flops_per_token=flops_tok, peak_flops=peak_flops,
                    compiled_shapes=[list(k) for k in compiled])
     if evaluator is not None and config.eval.after and not preempted and step >= config.run.steps:
         summary["eval_after"] = evaluate("after")

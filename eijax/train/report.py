@@ -40,6 +40,10 @@ def write_report(path: Path, config, summary: dict[str, Any]) -> None:
         f"wall time {summary.get('wall_seconds', 0):.0f} s (training {summary.get('train_seconds', 0):.0f} s); "
         f"{summary.get('tokens_per_s', 0):.0f} tokens/s",
     ]
+    if summary.get("peak_flops"):
+        mfu = summary.get("tokens_per_s", 0) * summary.get("flops_per_token", 0) / summary["peak_flops"]
+        lines.append(f"- model-FLOPs utilisation {100 * mfu:.1f}% of the measured matmul peak "
+                     f"({summary['peak_flops'] / 1e12:.3f} TFLOP/s)")
     if losses:
         lines.append(f"- loss: first {len(head)} steps mean {sum(head) / len(head):.4f}, "
                      f"last {len(tail)} steps mean {sum(tail) / len(tail):.4f}")

@@ -86,17 +86,3 @@ def compile_step(step: Callable, trainable, opt_state, frozen, batch_shapes: dic
             f"temporaries {mem.temp_size_in_bytes * gib:.3f} GiB, code {mem.generated_code_size_in_bytes * gib:.4f} GiB "
             "(per device)")
     return compiled
-
-
-def model_flops_per_token(config, memory_config, trainable_all: bool = False) -> float:
-    """Model FLOPs per trained token: matmuls forward (2N) + backward to activations (2N), plus the
-    backward to weights (2N) only when the base trains; attention over sink + window included."""
-    c = config
-    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
-        + 3 * c.d_model * c.d_ff
-    matmul = c.n_layers * per_layer + c.vocab_size * c.d_model
-    ctx = memory_config.sink + memory_config.window / 2
-    # scores + weighted values over the cache, and the memory read, forward only
-    attention = c.n_layers * 4 * c.n_heads * c.head_dim * (ctx + c.head_dim)
-    passes = 3 if trainable_all else 2  # forward, backward to activations, backward to weights
-    return passes * (2 * matmul + attention)

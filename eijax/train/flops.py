@@ -1,0 +1,39 @@
+"""FLOP accounting for the model-FLOPs utilisation (MFU) estimate: an analytic count of model
+FLOPs per trained token, and this device's measured matmul peak to divide by (no per-chip table:
+the same measurement works on CPU, GPU and TPU)."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.lru_cache(maxsize=4)
+def matmul_peak_flops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best FLOP/s over a few jitted [n, n] @ [n, n] products on the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops_per_token(config, memory_config, trainable_all: bool = False) -> float:
+    """Model FLOPs per trained token: matmuls forward (2N) + backward to activations (2N), plus the
+    backward to weights (2N) only when the base trains; attention over sink + window included."""
+    c = config
+    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
+        + 3 * c.d_model * c.d_ff
+    matmul = c.n_layers * per_layer + c.vocab_size * c.d_model
+    ctx = memory_config.sink + memory_config.window / 2
+    # scores + weighted values over the cache, and the memory read, forward only
+    attention = c.n_layers * 4 * c.n_heads * c.head_dim * (ctx + c.head_dim)
+    passes = 3 if trainable_all else 2  # forward, backward to activations, backward to weights
+    return passes * (2 * matmul + attention)
