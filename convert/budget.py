@@ -1,0 +1,56 @@
+"""On-device memory budget of one scenario (DESIGN §1.4): weights, cache, memory state, activations.
+
+Everything is fixed by the scenario, whatever the input length: the cache holds sink + window
+slots and the memory is Hkv·(d·d + d) float32 per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from eijax.config import ModelConfig
+
+from convert.scenarios import Scenario
+
+F32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    weights: int        # bytes of the .tflite file (or float32 parameters when no file is given)
+    kv_cache: int       # k and v, all layers, float32
+    memory_state: int   # M and z, all layers, float32 (0 when memory is off)
+    activations: int    # largest live intermediate set of one call (attention scores + logits), an estimate
+
+    @property
+    def total(self) -> int:
+        return self.weights + 2 * (self.kv_cache + self.memory_state) + self.activations
+
+    def lines(self) -> list[str]:
+        mib = lambda n: f"{n / 2**20:9.2f} MiB"
+        return [f"  weights            {mib(self.weights)}",
+                f"  kv cache           {mib(self.kv_cache)}",
+                f"  memory (M, z)      {mib(self.memory_state)}",
+                f"  activations (est.) {mib(self.activations)}",
+                f"  total              {mib(self.total)}  (state counted twice: input and output buffers)"]
+
+
+def parameter_count(cfg: ModelConfig, with_gate: bool = True) -> int:
+    h, hkv, d, dm = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    attn = dm * (h + 2 * hkv) * d + h * d * dm
+    layer = attn + 3 * dm * cfg.d_ff + 2 * dm + (2 * d if cfg.qk_norm else 0)
+    gate = 2 * h * d * h + h if with_gate else 0
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * dm
+    return cfg.vocab_size * dm + cfg.n_layers * (layer + gate) + dm + head
+
+
+def budget(cfg: ModelConfig, scenario: Scenario, weight_bytes: int | None = None) -> Budget:
+    b, c, nl = scenario.decode_batch, scenario.cache_size, cfg.n_layers
+    hkv, d, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
+    kv = 2 * nl * b * c * hkv * d * F32
+    mem = nl * b * hkv * (d * d + d) * F32 if scenario.memory else 0
+    t = max(scenario.chunks or (1,))
+    # attention probabilities [B, H, T, C] twice (scores, probs), the MLP hidden, the logits row
+    act = (2 * b * h * t * c + 2 * b * t * cfg.d_ff + 4 * b * t * cfg.d_model + b * cfg.vocab_size) * F32
+    weights = weight_bytes if weight_bytes is not None else parameter_count(cfg) * F32
+    return Budget(weights=weights, kv_cache=kv, memory_state=mem, activations=act)

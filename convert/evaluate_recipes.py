@@ -1,0 +1,104 @@
+"""One table over the quantisation recipes of a scenario: size, logit error and next-token
+agreement against the float32 graph, and passkey accuracy at a length beyond the window.
+
+    python -m convert.evaluate_recipes --dir exports/smollm2 --scenario qa [--passkey-samples 5]
+
+Logit error and agreement are teacher-forced: a real text is prefilled in chunks, then fed one
+token at a time through `decode` (crossing at least one compress), and every decode call's logits
+are compared with the float graph's on the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from convert.litert_runtime import LiteRTModel, Streamer
+
+
+def teacher_forced_logits(model: LiteRTModel, tokens: Sequence[int], n_prefill: int) -> np.ndarray:
+    """Logits [len(tokens) - n_prefill, V]: row j predicts tokens[n_prefill + j + 1]."""
+    streamer = Streamer(model)
+    logits, state = streamer.prefill(model.init_state(), tokens[:n_prefill])
+    rows = [logits]
+    for token in tokens[n_prefill:-1]:
+        logits, state = streamer.decode_step(state, int(token))
+        rows.append(logits)
+    return np.stack(rows)
+
+
+def compare_logits(test: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    return dict(logit_rel_err=float(np.abs(test - reference).max() / np.abs(reference).max()),
+                next_token_agreement=float(np.mean(test.argmax(-1) == reference.argmax(-1))))
+
+
+def passkey_accuracy(model: LiteRTModel, tokenizer, samples: Sequence[dict], max_new_tokens: int = 12) -> float:
+    from eijax.data.synthetic import score_answer
+    from eijax.generate import prompt_parts, stop_ids
+
+    streamer, hits = Streamer(model), 0
+    for sample in samples:
+        prompt, question = prompt_parts(tokenizer, sample["instruction"], sample["context"])
+        tokens = list(streamer.generate(prompt, max_new_tokens, stop_ids(tokenizer), question=question))
+        hits += score_answer("passkey", tokenizer.decode(tokens), sample)
+    return hits / max(len(samples), 1)
+
+
+def evaluate(paths: dict[str, Path], tokens: Sequence[int], n_prefill: int, tokenizer=None,
+             passkey_samples: Sequence[dict] = ()) -> list[dict]:
+    """A row per recipe; the float32 graph is the reference."""
+    reference = teacher_forced_logits(LiteRTModel(paths["float32"]), tokens, n_prefill)
+    rows = []
+    for name, path in paths.items():
+        model = LiteRTModel(path)
+        row = dict(recipe=name, bytes=path.stat().st_size,
+                   **compare_logits(teacher_forced_logits(model, tokens, n_prefill), reference))
+        if tokenizer is not None and passkey_samples:
+            row["passkey_accuracy"] = passkey_accuracy(model, tokenizer, passkey_samples)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = ["recipe", "bytes", "logit_rel_err", "next_token_agreement"] + (["passkey_accuracy"] if "passkey_accuracy" in rows[0] else [])
+    fmt = lambda k, v: f"{v / 2**20:.1f} MiB" if k == "bytes" else f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m convert.evaluate_recipes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", required=True, help="folder with <scenario>_<recipe>.tflite from convert.to_litert")
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--text-tokens", type=int, default=0, help="teacher-forced text length (default: cache + 64)")
+    p.add_argument("--decode-tokens", type=int, default=96, help="how many of them go through decode")
+    p.add_argument("--passkey-samples", type=int, default=0)
+    p.add_argument("--passkey-length", type=int, default=0, help="context tokens (default: 2 x cache size)")
+    a = p.parse_args(argv)
+    from eijax.data.synthetic import filler_sentences, passkey_sample
+    from eijax.tokenizer import load_tokenizer
+
+    paths = {f.stem[len(a.scenario) + 1:]: f for f in sorted(Path(a.dir).glob(f"{a.scenario}_*.tflite"))}
+    if "float32" not in paths:
+        raise SystemExit(f"error: no {a.scenario}_float32.tflite in {a.dir}")
+    meta = json.loads(paths["float32"].with_suffix(".json").read_text())
+    tok = load_tokenizer(meta["tokenizer"])
+    cache = meta["sink"] + meta["window"]
+    n_text = a.text_tokens or cache + 64
+    text = " ".join(filler_sentences()[100:100 + n_text // 10])
+    tokens = tok.encode(text, add_special_tokens=False)[:n_text]
+    samples = [passkey_sample(i, seed=1, tokenizer=tok, context_tokens=a.passkey_length or 2 * cache)
+               for i in range(a.passkey_samples)]
+    rows = evaluate(paths, tokens, len(tokens) - a.decode_tokens, tok, samples)
+    print(markdown(rows))
+    print(json.dumps(rows), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Run the LiteRT graphs of one scenario with `ai-edge-litert`: state in NumPy, fed back by name.
+
+`LiteRTModel` wraps the signatures (prefill_T, decode, compress); `Streamer` puts an input of any
+length through them with the same schedule as `eijax.generate.Engine`: each run of tokens goes
+in the largest chunk that fits in the room left in the cache (the tail in the smallest chunk that
+holds it, padded), and the window is folded into memory whenever it is full and more tokens come.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+META_SUFFIX = ".json"  # scenario + model facts written next to each .tflite by convert.to_litert
+
+
+class LiteRTModel:
+    def __init__(self, path: str | Path, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+        signatures = self.interpreter.get_signature_list()
+        self.runners = {name: self.interpreter.get_signature_runner(name) for name in signatures}
+        self.chunks = tuple(sorted((int(m.group(1)) for n in signatures if (m := re.fullmatch(r"prefill_(\d+)", n))),
+                                   reverse=True))
+        if "decode" not in signatures or "compress" not in signatures or not self.chunks:
+            raise ValueError(f"{self.path} lacks prefill_T/decode/compress signatures: {sorted(signatures)}")
+        self.state_specs = {d["name"]: d for d in self._input_details("compress")}
+        meta_path = self.path.with_suffix(META_SUFFIX)
+        self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        self.sink = int(self.meta.get("sink", 0))
+        self.cache_size = int(self.state_specs["valid"]["shape"][1])
+        self.batch = int(self.state_specs["valid"]["shape"][0])
+
+    def _input_details(self, signature: str) -> list[dict]:
+        details = self.runners[signature].get_input_details()
+        return [{**d, "name": name} for name, d in details.items()]  # signature name, not the tensor's
+
+    def init_state(self) -> dict[str, np.ndarray]:
+        return {name: np.zeros(d["shape"], d["dtype"]) for name, d in self.state_specs.items()}
+
+    def prefill(self, state: dict, tokens: np.ndarray, n_valid: np.ndarray) -> tuple[np.ndarray, dict]:
+        """tokens int32 [B, T] (T one of self.chunks, or 1 for decode); returns (last logits [B, V], state)."""
+        t = tokens.shape[1]
+        if int(state["fill"][0]) + t > self.cache_size:
+            raise ValueError(f"chunk of {t} at slot {int(state['fill'][0])} overflows the cache of {self.cache_size}; compress first")
+        if t == 1:
+            out = self.runners["decode"](tokens=tokens.astype(np.int32), **state)
+        else:
+            out = self.runners[f"prefill_{t}"](tokens=tokens.astype(np.int32), n_valid=n_valid.astype(np.int32), **state)
+        logits = out.pop("logits")
+        return logits, {**state, **out}
+
+    def compress(self, state: dict) -> dict:
+        return {**state, **self.runners["compress"](**state)}
+
+
+class Streamer:
+    """Batch-1 streaming over a LiteRTModel (mirrors eijax.generate.Engine)."""
+
+    def __init__(self, model: LiteRTModel):
+        self.model = model
+        self.sizes = tuple(sorted(set(model.chunks) | {1}, reverse=True))
+
+    def chunks(self, fill: int, n_tokens: int) -> Iterator[tuple[int, int, int, bool]]:
+        """(start, n_valid, chunk size, compress first) over a run of n_tokens starting at `fill`."""
+        c, s = self.model.cache_size, self.model.sink
+        done = 0
+        while done < n_tokens:
+            fold = fill >= c
+            if fold:
+                fill = min(fill, s)
+            room, left = c - fill, n_tokens - done
+            padded = [t for t in self.sizes if left <= t <= room]
+            size = min(padded) if padded else max(t for t in self.sizes if t <= min(room, left))
+            n = min(size, left, room)
+            yield done, n, size, fold
+            done += n
+            fill += n
+
+    def prefill(self, state: dict, tokens: Sequence[int]) -> tuple[np.ndarray, dict]:
+        """Any number of tokens in; returns (logits [V] of the last one, state)."""
+        if not len(tokens):
+            raise ValueError("prefill needs at least one token")
+        logits = None
+        for start, n, size, fold in self.chunks(int(state["fill"][0]), len(tokens)):
+            if fold:
+                state = self.model.compress(state)
+            chunk = np.zeros((1, size), np.int32)
+            chunk[0, :n] = tokens[start:start + n]
+            logits, state = self.model.prefill(state, chunk, np.array([n], np.int32))
+        return logits[0], state
+
+    def decode_step(self, state: dict, token: int) -> tuple[np.ndarray, dict]:
+        if int(state["fill"][0]) >= self.model.cache_size:
+            state = self.model.compress(state)
+        logits, state = self.model.prefill(state, np.array([[token]], np.int32), np.array([1], np.int32))
+        return logits[0], state
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                 question: Sequence[int] | None = None) -> Iterator[int]:
+        """Greedy ids after `prompt` (with `question`: question-last, the document's window folded first)."""
+        state = self.model.init_state()
+        n_prompt = len(prompt) + len(question or [])
+        if prompt and question and n_prompt > self.model.cache_size:
+            _, state = self.prefill(state, prompt)
+            state = self.model.compress(state)
+            logits, state = self.prefill(state, question)
+        else:
+            logits, state = self.prefill(state, list(prompt) + list(question or []))
+        for i in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            if token in stop_ids:
+                return
+            yield token
+            if i + 1 < max_new_tokens:
+                logits, state = self.decode_step(state, token)

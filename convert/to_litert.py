@@ -1,0 +1,236 @@
+"""eijax -> fixed-shape LiteRT graphs for one scenario, quantised by recipe (DESIGN §1.6).
+
+    python -m convert.to_litert --checkpoint smollm2 --scenario qa --quant float32 mixed --out exports/litert
+
+writes, per recipe, `<out>/<scenario>_<recipe>.tflite` (signatures prefill_T for each chunk size
+of the scenario, decode, compress; named state tensors, see convert.signatures) and a `.json`
+beside it (scenario, recipe, tokenizer source), and prints the on-device memory budget.
+The float32 graph is converted with litert-torch; every other recipe is applied to it with
+ai-edge-quantizer from a rule list in convert/recipes/<name>.json (or any JSON path). Static
+(integer-activation) recipes are calibrated by running the float graph over real text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from eijax.model import EdgeInfiniteLM
+
+from convert.budget import budget
+from convert.scenarios import Scenario, load_scenario
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+FLOAT = "float32"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+
+
+def load_recipe(name_or_path: str) -> tuple[str, list[dict]]:
+    """(recipe name, ai-edge-quantizer rule list) from a name in convert/recipes or a JSON path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown quantisation recipe {name_or_path!r}; known: {', '.join(available_recipes())}, "
+                         "or a path to an ai-edge-quantizer JSON rule list")
+    rules = json.loads(path.read_text())
+    if not isinstance(rules, list):
+        raise ValueError(f"recipe {path} must be a JSON list of quantizer rules")
+    return path.stem, rules
+
+
+def needs_calibration(rules: list[dict]) -> bool:
+    return any("activation_tensor_config" in r.get("op_config", {}) for r in rules)
+
+
+# ------------------------------------------------------------------------------ float export
+def export_float(model: EdgeInfiniteLM, scenario: Scenario, out_path: str | Path, meta: dict | None = None) -> Path:
+    """Convert the scenario's signatures with litert-torch and write the float32 .tflite (+ .json)."""
+    import litert_torch
+
+    from convert.signatures import signatures
+    from convert.weights import to_torch
+
+    twin = to_torch(model, scenario.memory_config(model.memory_config), cache_write="dus")
+    converter = None
+    for name, (module, kwargs) in signatures(twin, scenario.chunks, scenario.decode_batch).items():
+        converter = (litert_torch.signature(name, module, sample_kwargs=kwargs) if converter is None
+                     else converter.signature(name, module, sample_kwargs=kwargs))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    converter.convert().export(str(out_path))
+    write_meta(out_path, scenario, FLOAT, meta or {})
+    return out_path
+
+
+def write_meta(path: Path, scenario: Scenario, recipe: str, extra: dict) -> None:
+    meta = dict(scenario=scenario.name, sink=scenario.sink, window=scenario.window, chunks=list(scenario.chunks),
+                decode_batch=scenario.decode_batch, memory=scenario.memory, recipe=recipe, **extra)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+
+# ------------------------------------------------------------------------------ quantisation
+def calibration_data(float_path: Path, prompts: Sequence[Sequence[int]], decode_steps: int = 4) -> dict[str, list[dict]]:
+    """{signature: [inputs, ...]} recorded while the float graph streams each prompt, then decodes.
+
+    Every signature needs samples (the quantizer fails otherwise), so each chunk size is also run
+    once from a fresh state on the start of the first prompt.
+    """
+    from convert.litert_runtime import LiteRTModel, Streamer
+
+    model = LiteRTModel(float_path)
+    data: dict[str, list[dict]] = {name: [] for name in model.runners}
+    record = lambda sig, inputs: data[sig].append({k: np.array(v) for k, v in inputs.items()})
+    original_prefill, original_compress = model.prefill, model.compress
+
+    def prefill(state, tokens, n_valid):
+        t = tokens.shape[1]
+        sig, extra = ("decode", {"tokens": tokens}) if t == 1 else (f"prefill_{t}", {"tokens": tokens, "n_valid": n_valid})
+        record(sig, {**extra, **state})
+        return original_prefill(state, tokens, n_valid)
+
+    def compress(state):
+        record("compress", state)
+        return original_compress(state)
+
+    model.prefill, model.compress = prefill, compress
+    streamer = Streamer(model)
+    for prompt in prompts:
+        state = model.init_state()
+        logits, state = streamer.prefill(state, prompt)
+        for _ in range(decode_steps):
+            logits, state = streamer.decode_step(state, int(np.argmax(logits)))
+        if not data["compress"]:
+            model.compress(state)
+    first = list(prompts[0])
+    for t in model.chunks:
+        tokens = np.array([(first * (t // max(len(first), 1) + 1))[:t]], np.int32)
+        model.prefill(model.init_state(), tokens, np.array([t], np.int32))
+    return data
+
+
+def quantize(float_path: Path, rules: list[dict], out_path: Path, calibration: dict | None = None) -> Path:
+    from ai_edge_quantizer import quantizer
+
+    qt = quantizer.Quantizer(str(float_path), rules)
+    calib = None
+    if qt.need_calibration:
+        if calibration is None:
+            raise ValueError("this recipe quantises activations and needs calibration data")
+        calib = qt.calibrate(calibration)
+    qt.quantize(calib, enable_progress_report=False).export_model(str(out_path), overwrite=True)
+    return out_path
+
+
+def calibration_prompts(tokenizer, vocab_size: int, n_prompts: int = 3, length: int = 0) -> list[list[int]]:
+    """Real text (consecutive sentences of the filler book) when there is a tokenizer, else random ids."""
+    length = length or 256
+    if tokenizer is None:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, vocab_size, length).tolist() for _ in range(n_prompts)]
+    from eijax.data.synthetic import filler_sentences
+
+    sentences = filler_sentences()
+    prompts = []
+    for i in range(n_prompts):
+        start = (i * 997) % len(sentences)
+        text = " ".join(sentences[start:start + 4 * length // 25 + 1])
+        prompts.append(tokenizer.encode(text, add_special_tokens=False)[:length])
+    return prompts
+
+
+# ------------------------------------------------------------------------------ CLI
+def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir: str | Path, *,
+            calibration_length: int = 0, reuse_float: bool = False, log=print) -> dict[str, Path]:
+    """Float export + every recipe; returns {recipe: path}. Prints sizes, times and the budget."""
+    from convert.loading import load_model, tokenizer_source
+
+    scenario = load_scenario(scenario_name)
+    resolved = [load_recipe(r) for r in recipes]  # fail on a bad recipe before the slow conversion
+    t0 = time.perf_counter()
+    model = load_model(checkpoint, scenario.memory_config())
+    tok_source = tokenizer_source(checkpoint)
+    meta = dict(checkpoint=str(checkpoint), tokenizer=tok_source, vocab_size=model.config.vocab_size)
+    out_dir = Path(out_dir)
+    float_path = out_dir / f"{scenario.name}_{FLOAT}.tflite"
+    if reuse_float and float_path.is_file():
+        log(f"[{FLOAT}] reusing {float_path}")
+    else:
+        export_float(model, scenario, float_path, meta)
+        log(f"[{FLOAT}] converted in {time.perf_counter() - t0:.1f}s, peak RSS {peak_rss_mib():.0f} MiB")
+    paths = {FLOAT: float_path}
+    calibration = None
+    for name, rules in resolved:
+        if name == FLOAT:
+            continue
+        t1 = time.perf_counter()
+        out = out_dir / f"{scenario.name}_{name}.tflite"
+        if not rules:
+            shutil.copyfile(float_path, out)
+        else:
+            if needs_calibration(rules) and calibration is None:
+                prompts = calibration_prompts(_tokenizer(tok_source), model.config.vocab_size,
+                                              length=calibration_length or 2 * scenario.cache_size)
+                calibration = calibration_data(float_path, prompts)
+            quantize(float_path, rules, out, calibration)
+        write_meta(out, scenario, name, meta)
+        paths[name] = out
+        log(f"[{name}] quantised in {time.perf_counter() - t1:.1f}s")
+    log(f"scenario {scenario.name}: sink {scenario.sink}, window {scenario.window}, chunks {list(scenario.chunks)}, "
+        f"decode batch {scenario.decode_batch}, memory {'on' if scenario.memory else 'off'}")
+    log("on-device memory budget (MiB; state = kv cache + memory, counted twice for input and output buffers):")
+    log(f"  {'recipe':18s} {'weights':>9s} {'kv cache':>9s} {'memory':>9s} {'activ.':>9s} {'total':>9s}")
+    for name, path in paths.items():
+        b = budget(model.config, scenario, path.stat().st_size)
+        log(f"  {name:18s} " + " ".join(f"{v / 2**20:9.1f}" for v in
+                                         (b.weights, b.kv_cache, b.memory_state, b.activations, b.total)))
+    return paths
+
+
+def _tokenizer(source: str | None):
+    if source is None:
+        return None
+    try:
+        from eijax.tokenizer import load_tokenizer
+
+        return load_tokenizer(source)
+    except (FileNotFoundError, ValueError, OSError, KeyError):
+        return None
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m convert.to_litert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="base model (name, HF folder, .gguf), convert.to_torch folder, or eijax training checkpoint")
+    p.add_argument("--scenario", required=True, help="name in configs/scenarios or a YAML path")
+    p.add_argument("--quant", nargs="+", default=[FLOAT],
+                   help=f"recipes (names in convert/recipes: {', '.join(available_recipes())}; a JSON path; or 'all')")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--calibration-length", type=int, default=0, help="tokens per calibration prompt (static recipes)")
+    p.add_argument("--reuse-float", action="store_true", help="quantise an existing <scenario>_float32.tflite in --out")
+    a = p.parse_args(argv)
+    recipes = available_recipes() if a.quant == ["all"] else a.quant
+    try:
+        convert(a.checkpoint, a.scenario, recipes, a.out, calibration_length=a.calibration_length, reuse_float=a.reuse_float,
+                log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
