@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from eijax.schedule import Chunk, plan_chunks
+
 META_SUFFIX = ".json"  # scenario + model facts written next to each .tflite by convert.to_litert
 
 
@@ -67,21 +69,9 @@ class Streamer:
         self.model = model
         self.sizes = tuple(sorted(set(model.chunks) | {1}, reverse=True))
 
-    def chunks(self, fill: int, n_tokens: int) -> Iterator[tuple[int, int, int, bool]]:
-        """(start, n_valid, chunk size, compress first) over a run of n_tokens starting at `fill`."""
-        c, s = self.model.cache_size, self.model.sink
-        done = 0
-        while done < n_tokens:
-            fold = fill >= c
-            if fold:
-                fill = min(fill, s)
-            room, left = c - fill, n_tokens - done
-            padded = [t for t in self.sizes if left <= t <= room]
-            size = min(padded) if padded else max(t for t in self.sizes if t <= min(room, left))
-            n = min(size, left, room)
-            yield done, n, size, fold
-            done += n
-            fill += n
+    def chunks(self, fill: int, n_tokens: int) -> Iterator[Chunk]:
+        """The same schedule as eijax.generate (eijax.schedule.plan_chunks)."""
+        return plan_chunks(fill, n_tokens, cache_size=self.model.cache_size, sink=self.model.sink, sizes=self.sizes)
 
     def prefill(self, state: dict, tokens: Sequence[int]) -> tuple[np.ndarray, dict]:
         """Any number of tokens in; returns (logits [V] of the last one, state)."""

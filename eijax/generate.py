@@ -35,6 +35,7 @@ from flax import nnx
 
 from eijax.config import MemoryConfig
 from eijax.model import EdgeInfiniteLM, State, with_memory_config
+from eijax.schedule import Chunk, plan_chunks
 
 Method = Literal["edgeinfinite", "streaming", "full"]
 METHODS: tuple[str, ...] = ("edgeinfinite", "streaming", "full")
@@ -151,22 +152,9 @@ class Engine:
     def init_state(self) -> State:
         return self.model.init_state(1)
 
-    def _chunks(self, fill: int, n_tokens: int) -> Iterator[tuple[int, int, int, bool]]:
-        """(start, n_valid, chunk_size, compress_first) over a run of n_tokens starting at `fill`."""
-        done = 0
-        while done < n_tokens:
-            fold = fill >= self.cache_size
-            if fold:
-                fill = min(fill, self.memory_config.sink)
-            room = self.cache_size - fill
-            left = n_tokens - done
-            # The tail in one padded call when a chunk holds it, else the largest full chunk.
-            padded = [c for c in self.chunk_sizes if left <= c <= room]
-            size = min(padded) if padded else max(c for c in self.chunk_sizes if c <= min(room, left))
-            n = min(size, left, room)
-            yield done, n, size, fold
-            done += n
-            fill += n
+    def _chunks(self, fill: int, n_tokens: int) -> Iterator[Chunk]:
+        return plan_chunks(fill, n_tokens, cache_size=self.cache_size, sink=self.memory_config.sink,
+                           sizes=self.chunk_sizes)
 
     def _feed(self, state: State, tokens: Sequence[int], step: Callable, extra: np.ndarray | None = None):
         """Run `tokens` through the cache in chunks, folding when full; returns (outputs, state)."""
