@@ -169,6 +169,23 @@ class MemoryWrite(nn.Module):
         return M + torch.matmul(sk.transpose(-1, -2), vv), z + sk.sum(dim=2)
 
 
+class MemoryAdapter(nn.Module):
+    """eijax's optional memory-path maps (MemoryConfig.adapter): per-head d x d on the q that reads
+    memory and the k/v written to it; the local path never sees them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = nn.Parameter(torch.eye(d).repeat(h, 1, 1))
+        self.k = nn.Parameter(torch.eye(d).repeat(hkv, 1, 1))
+        self.v = nn.Parameter(torch.eye(d).repeat(hkv, 1, 1))
+
+
+def adapt(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, d] @ maps [heads, d, d] per head."""
+    return torch.einsum("bthd,hde->bthe", x, maps.to(x.dtype))
+
+
 class Block(nn.Module):
     """One decoder layer with EdgeInfinite attention; names match eijax's stacked Block."""
 
@@ -188,6 +205,7 @@ class Block(nn.Module):
         self.local_attn = LocalAttention()
         self.mem_read = MemoryRead(mem.eps)
         self.gate = MemoryGate(cfg, mem)
+        self.memory_adapter = MemoryAdapter(cfg) if mem.adapter else None
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.shape = (h, hkv, d)
@@ -207,7 +225,7 @@ class Block(nn.Module):
         k_cache, v_cache = write_rows(k_cache, k), write_rows(v_cache, v)
         out = self.local_attn(rotate(q, q_cos, q_sin), rotate(k_cache, k_cos, k_sin), v_cache, mask)
         if self.use_memory:
-            a_mem = self.mem_read(M, z, q)
+            a_mem = self.mem_read(M, z, q if self.memory_adapter is None else adapt(q, self.memory_adapter.q))
             g = self.gate(a_mem, out)
             mixed = (g * a_mem + (1.0 - g) * out.float()).to(out.dtype)
             out = torch.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
@@ -328,13 +346,17 @@ class EdgeInfiniteTorch(nn.Module):
         window_valid = state.valid[:, s:]
         M, z, written = state.M, state.z, state.written
         if mem.enabled:
-            pairs = [self.mem_write(M[i], z[i], state.k[i][:, s:], state.v[i][:, s:], window_valid)
+            pairs = [self.mem_write(M[i], z[i], *self._memory_kv(i, state.k[i][:, s:], state.v[i][:, s:]), window_valid)
                      for i in range(self.config.n_layers)]
             M, z = [p[0] for p in pairs], [p[1] for p in pairs]
             written = written | window_valid.any(dim=1)
         in_window = torch.arange(mem.cache_size) >= s
         return dataclasses.replace(state, M=M, z=z, written=written, valid=state.valid & ~in_window[None, :],
                                    fill=torch.clamp(state.fill, max=s))
+
+    def _memory_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        adapter = self.blocks[layer].memory_adapter
+        return (k, v) if adapter is None else (adapt(k, adapter.k), adapt(v, adapter.v))
 
     def step_segment(self, state: State, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """One segment of `window` tokens into the empty window, then compress."""

@@ -21,11 +21,11 @@ from convert.weights import state_to_jax, to_eijax, to_torch
 
 
 def _randomise_gate(model, seed: int = 1) -> None:
-    """Non-trivial gate weights, so the memory path and the gate weights are all exercised."""
+    """Non-trivial gate (and memory adapter) weights, so the whole memory path is exercised."""
     rng = np.random.RandomState(seed)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.PathContains("gate")))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter"))))
     nnx.update(model, nnx.from_flat_state(
-        [(p, v.replace(jnp.asarray(0.2 * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))
+        [(p, v.replace(v[...] + jnp.asarray(0.2 * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))
 
 
 def _params(model) -> list[np.ndarray]:
@@ -63,13 +63,17 @@ _prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
 _compress = nnx.jit(lambda m, s: m.compress(s))
 
 
-@pytest.mark.parametrize("family,rule", [("llama", "linear"), ("qwen2", "delta"), ("qwen3", "linear")])
-def test_torch_twin_matches_jax_over_segments(family, rule):
+@pytest.mark.parametrize("family,rule,adapter", [("llama", "linear", False), ("qwen2", "delta", False),
+                                                ("qwen3", "delta", True)])
+def test_torch_twin_matches_jax_over_segments(family, rule, adapter):
     """Sink, chunked segments with padding, three compresses, then decode steps (batch 2)."""
-    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule)
+    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter)
     model = tiny_eijax_model(family, mem)
     _randomise_gate(model)
     twin = to_torch(model)
+    if adapter:  # the adapter survives the round trip too
+        for a, b in zip(_params(model), _params(to_eijax(twin)), strict=True):
+            np.testing.assert_array_equal(a, b)
     tokens = random_tokens((2, 40), seed=3)
     js, ts = model.init_state(2), twin.init_state(2)
     worst = 0.0
