@@ -120,16 +120,20 @@ class LocalAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, h, d = q.shape
         hkv = k.shape[2]
-        qg = q.reshape(b, t, hkv, h // hkv, d).permute(0, 2, 3, 1, 4)          # [B, Hkv, G, T, d]
-        kt = k.permute(0, 2, 3, 1)[:, :, None]                                 # [B, Hkv, 1, d, C]
-        scores = torch.matmul(qg, kt) / math.sqrt(d)                          # [B, Hkv, G, T, C]
+        g = h // hkv
+        # A query group's G*T rows share one kv head: fold them into the matmul's rows so k and v
+        # are used per kv head as they are (broadcasting them over G lowers to a BROADCAST_TO of
+        # the whole cache per layer, the slowest op of a CPU decode step).
+        qg = q.reshape(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)  # [B, Hkv, G*T, d]
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) / math.sqrt(d)       # [B, Hkv, G*T, C]
+        scores = scores.reshape(b, hkv, g, t, -1)
         # A finite floor (not -inf) keeps fully masked rows NaN-free, exactly as eijax; a select
         # (not an additive mask) so integer-activation recipes do not see a huge constant.
         floor = torch.finfo(torch.float32).min
         scores = torch.where(mask[:, None, None], scores, torch.full_like(scores, floor))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v.permute(0, 2, 1, 3)[:, :, None])           # [B, Hkv, G, T, d]
-        return out.permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
+        probs = torch.softmax(scores, dim=-1).reshape(b, hkv, g * t, -1)
+        out = torch.matmul(probs, v.permute(0, 2, 1, 3))                       # [B, Hkv, G*T, d]
+        return out.reshape(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class MemoryRead(nn.Module):
