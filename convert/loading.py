@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
-
 from eijax.config import MemoryConfig
 from eijax.model import EdgeInfiniteLM
+from eijax.train.checkpointing import load_trained, read_training_meta, trained_memory, training_checkpoint_dir
 
 EXPORT_META = "edgeinfinite.json"
 GATE_FILE = "edgeinfinite_gate.safetensors"
@@ -21,27 +20,6 @@ GATE_FILE = "edgeinfinite_gate.safetensors"
 
 def is_export_folder(path: Path) -> bool:
     return path.is_dir() and (path / EXPORT_META).is_file()
-
-
-def training_checkpoint_dir(path: Path) -> Path | None:
-    """The orbax manager folder of a training run (run dir, its checkpoints/ or one step), else None."""
-    if not path.is_dir():
-        return None
-    for candidate in (path / "checkpoints", path, path.parent):
-        if candidate.is_dir() and any(p.is_dir() and p.name.isdigit() and (p / "meta").exists() for p in candidate.iterdir()):
-            return candidate
-    return None
-
-
-def read_training_meta(ckpt_dir: Path) -> dict:
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(ckpt_dir.absolute(), item_handlers={"meta": ocp.JsonCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint step in {ckpt_dir}")
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def load_model(checkpoint: str | Path, memory: MemoryConfig | None = None) -> EdgeInfiniteLM:
@@ -56,25 +34,12 @@ def load_model(checkpoint: str | Path, memory: MemoryConfig | None = None) -> Ed
     if is_export_folder(path):
         meta = json.loads((path / EXPORT_META).read_text())
         saved = MemoryConfig(**meta["memory_config"])
-        model = load_pretrained(path, _keep_trained(saved, memory))
+        model = load_pretrained(path, trained_memory(saved, memory))
         _load_gate_file(model, path / GATE_FILE)
         return model
-    ckpt_dir = training_checkpoint_dir(path)
-    if ckpt_dir is not None:
-        from eijax.train.checkpointing import restore_params
-
-        meta = read_training_meta(ckpt_dir)
-        saved = MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
-        model = load_pretrained(meta["base_checkpoint"], _keep_trained(saved, memory))
-        restore_params(model, path)
-        return model
+    if training_checkpoint_dir(path) is not None:
+        return load_trained(path, memory)
     return load_pretrained(checkpoint, memory or MemoryConfig())
-
-
-def _keep_trained(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
-    if override is None:
-        return saved
-    return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, rule=saved.rule, eps=saved.eps)
 
 
 def _load_gate_file(model: EdgeInfiniteLM, gate_file: Path) -> None:

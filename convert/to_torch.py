@@ -104,14 +104,14 @@ def load_torch(folder: str | Path, memory: MemoryConfig | None = None, cache_wri
     import torch
 
     from eijax.pretrained import hf_tensor_names
-    from convert.loading import _keep_trained
+    from eijax.train.checkpointing import trained_memory
     from convert.torch_model import EdgeInfiniteTorch
 
     folder = Path(folder)
     meta = json.loads((folder / EXPORT_META).read_text())
     saved = MemoryConfig(**meta["memory_config"])
     config = model_config_from_hf(json.loads((folder / "config.json").read_text()))
-    twin = EdgeInfiniteTorch(config, _keep_trained(saved, memory), cache_write=cache_write)
+    twin = EdgeInfiniteTorch(config, trained_memory(saved, memory), cache_write=cache_write)
     hf = load_file(str(folder / "model.safetensors"))
     block_names, top_names = hf_tensor_names()
     tensors = dict(load_file(str(folder / GATE_FILE)))

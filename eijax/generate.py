@@ -289,18 +289,16 @@ class Generator:
 
 # ------------------------------------------------------------------ model loading shared with eval
 def load_model(name_or_path: str, memory: MemoryConfig, checkpoint: str | None = None) -> EdgeInfiniteLM:
-    """A base model (HF folder, GGUF or registered name; gate at its initial value), plus trained gate
-    parameters from an eijax training checkpoint when given."""
+    """A base model (HF folder, GGUF or registered name; gate at its initial value), or, with
+    `checkpoint`, the base named in that training run with its trained parameters (the run's gate
+    type, adapter and memory rule are kept; sink/window come from `memory`)."""
+    if checkpoint:
+        from eijax.train.checkpointing import load_trained
+
+        return load_trained(checkpoint, memory)
     from eijax.pretrained import load_pretrained
 
-    model = load_pretrained(name_or_path, memory)
-    if checkpoint:
-        try:
-            from eijax.train.checkpointing import restore_params
-        except ImportError as e:  # the trainer's checkpoint module is not in this tree
-            raise SystemExit(f"--checkpoint needs eijax.train.checkpointing.restore_params: {e}") from None
-        restore_params(model, checkpoint)
-    return model
+    return load_pretrained(name_or_path, memory)
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:

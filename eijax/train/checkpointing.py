@@ -14,6 +14,7 @@ SIGTERM (Cloud TPU preemption, or `kill`) is turned into "save now and exit" by 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import signal
@@ -25,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from eijax.config import MemoryConfig
 
 
 # ------------------------------------------------------------------ fingerprints
@@ -141,6 +144,49 @@ def restore_params(model, checkpoint_dir: str | Path, step: int | None = None) -
     nnx.replace_by_pure_dict(state, values)
     nnx.update(model, state)
     return int(step)
+
+
+def training_checkpoint_dir(path: str | Path) -> Path | None:
+    """The orbax manager folder of a training run (run dir, its checkpoints/ or one step), else None."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    for candidate in (path / "checkpoints", path, path.parent):
+        if candidate.is_dir() and any(p.is_dir() and p.name.isdigit() and (p / "meta").exists() for p in candidate.iterdir()):
+            return candidate
+    return None
+
+
+def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
+    with ocp.CheckpointManager(Path(ckpt_dir).absolute(), item_handlers={"meta": ocp.JsonCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint step in {ckpt_dir}")
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
+    """`override` (e.g. another sink/window for inference) with what the trained weights need kept:
+    gate type, adapter, memory rule and eps."""
+    if override is None:
+        return saved
+    return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
+                               rule=saved.rule, eps=saved.eps)
+
+
+def load_trained(run: str | Path, memory: MemoryConfig | None = None):
+    """The base model named in a training run's metadata, with the run's trained parameters."""
+    from eijax.pretrained import load_pretrained
+
+    ckpt_dir = training_checkpoint_dir(run)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"{run} is not an eijax training run (no checkpoints/<step>/meta)")
+    meta = read_training_meta(ckpt_dir)
+    saved = MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
+    model = load_pretrained(meta["base_checkpoint"], trained_memory(saved, memory))
+    restore_params(model, run)
+    return model
 
 
 # ------------------------------------------------------------------ preemption
