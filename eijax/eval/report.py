@@ -57,6 +57,24 @@ def _pyplot():
     return plt
 
 
+def _method_lines(ax, series: dict[str, list[tuple[float, float]]], marker: str, xlabel: str, ylabel: str) -> None:
+    """One line per method, labelled axes, grid and legend."""
+    for method, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(plt, fig, path: Path, tight: bool = True) -> bool:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_accuracy_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """One panel per task, one line per method. Returns False when there is nothing to plot."""
     agg = aggregate([r for r in rows if r["task"] != "ppl"])
@@ -66,20 +84,13 @@ def plot_accuracy_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for method in dict.fromkeys(a["method"] for a in agg if a["task"] == task):
-            pts = sorted((a["length"], a["score"]) for a in agg if a["task"] == task and a["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        series = {m: sorted((a["length"], a["score"]) for a in agg if a["task"] == task and a["method"] == m)
+                  for m in dict.fromkeys(a["method"] for a in agg if a["task"] == task)}
+        _method_lines(ax, series, "o", "input tokens", "score")
         ax.set_xscale("log", base=2)
         ax.set_title(task)
-        ax.set_xlabel("input tokens")
-        ax.set_ylabel("score")
         ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_depth_heatmap(rows: Sequence[dict[str, Any]], path: Path, task: str = "passkey") -> bool:
@@ -105,9 +116,7 @@ def plot_depth_heatmap(rows: Sequence[dict[str, Any]], path: Path, task: str = "
         ax.set_ylabel("needle depth")
         ax.set_title(f"{task}: {method}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, tight=False)  # tight_layout fights the shared colorbar
 
 
 def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path) -> bool:
@@ -116,14 +125,6 @@ def plot_perplexity(rows: Sequence[dict[str, Any]], path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method in dict.fromkeys(r["method"] for r in sel):
-        pts = [(r["end"], r["score"]) for r in sel if r["method"] == method]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=method)
-    ax.set_xlabel("position (end of segment)")
-    ax.set_ylabel("perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    series = {m: [(r["end"], r["score"]) for r in sel if r["method"] == m] for m in dict.fromkeys(r["method"] for r in sel)}
+    _method_lines(ax, series, ".", "position (end of segment)", "perplexity")
+    return _save(plt, fig, path)
