@@ -1,5 +1,6 @@
 """One table over the quantisation recipes of a scenario: size, logit error and next-token
-agreement against the float32 graph, and passkey accuracy at a length beyond the window.
+agreement against the float32 graph, and passkey accuracy at a length inside sink + window (the
+quantised base model's own ability) and one beyond it (what the memory retrieves).
 
     python -m convert.evaluate_recipes --dir exports/smollm2 --scenario qa [--passkey-samples 5]
 
@@ -50,22 +51,23 @@ def passkey_accuracy(model: LiteRTModel, tokenizer, samples: Sequence[dict], max
 
 
 def evaluate(paths: dict[str, Path], tokens: Sequence[int], n_prefill: int, tokenizer=None,
-             passkey_samples: Sequence[dict] = ()) -> list[dict]:
-    """A row per recipe; the float32 graph is the reference."""
+             passkey_sets: dict[str, Sequence[dict]] | None = None) -> list[dict]:
+    """A row per recipe; the float32 graph is the reference. `passkey_sets`: {column: samples}."""
     reference = teacher_forced_logits(LiteRTModel(paths["float32"]), tokens, n_prefill)
     rows = []
     for name, path in paths.items():
         model = LiteRTModel(path)
         row = dict(recipe=name, bytes=path.stat().st_size,
                    **compare_logits(teacher_forced_logits(model, tokens, n_prefill), reference))
-        if tokenizer is not None and passkey_samples:
-            row["passkey_accuracy"] = passkey_accuracy(model, tokenizer, passkey_samples)
+        if tokenizer is not None:
+            for column, samples in (passkey_sets or {}).items():
+                row[column] = passkey_accuracy(model, tokenizer, samples)
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    keys = ["recipe", "bytes", "logit_rel_err", "next_token_agreement"] + (["passkey_accuracy"] if "passkey_accuracy" in rows[0] else [])
+    keys = ["recipe", "bytes", "logit_rel_err", "next_token_agreement"] + [k for k in rows[0] if k.startswith("passkey")]
     fmt = lambda k, v: f"{v / 2**20:.1f} MiB" if k == "bytes" else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]
@@ -78,8 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--scenario", required=True)
     p.add_argument("--text-tokens", type=int, default=0, help="teacher-forced text length (default: cache + 64)")
     p.add_argument("--decode-tokens", type=int, default=96, help="how many of them go through decode")
-    p.add_argument("--passkey-samples", type=int, default=0)
-    p.add_argument("--passkey-length", type=int, default=0, help="context tokens (default: 2 x cache size)")
+    p.add_argument("--passkey-samples", type=int, default=0, help="samples per passkey length (0: no passkey columns)")
+    p.add_argument("--passkey-lengths", type=int, nargs="+", default=[],
+                   help="context tokens per column (default: 0.7 x and 2 x the cache size: inside and beyond the window)")
     a = p.parse_args(argv)
     from eijax.data.synthetic import filler_sentences, passkey_sample
     from eijax.tokenizer import load_tokenizer
@@ -93,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_text = a.text_tokens or cache + 64
     text = " ".join(filler_sentences()[100:100 + n_text // 10])
     tokens = tok.encode(text, add_special_tokens=False)[:n_text]
-    samples = [passkey_sample(i, seed=1, tokenizer=tok, context_tokens=a.passkey_length or 2 * cache)
-               for i in range(a.passkey_samples)]
-    rows = evaluate(paths, tokens, len(tokens) - a.decode_tokens, tok, samples)
+    lengths = a.passkey_lengths or [int(0.7 * cache), 2 * cache]
+    passkey_sets = {f"passkey@{n}": [passkey_sample(i, seed=1, tokenizer=tok, context_tokens=n) for i in range(a.passkey_samples)]
+                    for n in lengths} if a.passkey_samples else {}
+    rows = evaluate(paths, tokens, len(tokens) - a.decode_tokens, tok, passkey_sets)
     print(markdown(rows))
     print(json.dumps(rows), file=sys.stderr)
 

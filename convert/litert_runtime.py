@@ -35,9 +35,16 @@ class LiteRTModel:
         self.state_specs = {d["name"]: d for d in self._input_details("compress")}
         meta_path = self.path.with_suffix(META_SUFFIX)
         self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        self.sink = int(self.meta.get("sink", 0))
         self.cache_size = int(self.state_specs["valid"]["shape"][1])
         self.batch = int(self.state_specs["valid"]["shape"][0])
+        self.sink = int(self.meta["sink"]) if "sink" in self.meta else self._probe_sink()
+
+    def _probe_sink(self) -> int:
+        """The sink size read from the graph itself (compress of a full cache leaves fill = sink), so a
+        .tflite without its .json still streams correctly."""
+        state = self.init_state()
+        state["fill"][:] = self.cache_size
+        return int(self.runners["compress"](**state)["fill"][0])
 
     def _input_details(self, signature: str) -> list[dict]:
         details = self.runners[signature].get_input_details()

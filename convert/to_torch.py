@@ -5,7 +5,7 @@
 The folder holds
     config.json, model.safetensors     the base model: `AutoModelForCausalLM.from_pretrained(folder)`
                                        loads it offline with no custom code
-    edgeinfinite_gate.safetensors      gate parameters under the PyTorch twin's names
+    edgeinfinite_gate.safetensors      gate (and memory-adapter) parameters under the twin's names
     edgeinfinite.json                  MemoryConfig and provenance
     tokenizer files                    when the source has a tokenizer
 `load_torch(folder)` builds `convert.torch_model.EdgeInfiniteTorch` from it; `convert.loading.
@@ -53,11 +53,16 @@ def hf_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
     return out
 
 
+# The per-layer modules EdgeInfinite adds to the base model (torch names blocks.{i}.<module>.*).
+EDGEINFINITE_MODULES = ("gate", "memory_adapter")
+
+
 def extra_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
-    """Parameters that are not part of the base model (the gate), under the PyTorch twin's names."""
+    """Parameters that are not part of the base model (gate, memory adapter), under the twin's names."""
     from convert.weights import torch_state_dict
 
-    return {k: v for k, v in torch_state_dict(model).items() if ".gate." in k}
+    return {k: v for k, v in torch_state_dict(model).items()
+            if k.startswith("blocks.") and k.split(".")[2] in EDGEINFINITE_MODULES}
 
 
 def export_folder(model: EdgeInfiniteLM, out: str | Path, *, source: str | None = None) -> Path:

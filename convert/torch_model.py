@@ -91,7 +91,15 @@ class MemoryGate(nn.Module):
         else:
             self.beta = nn.Parameter(torch.full((h,), bias0))
 
-    def forward(self, a_mem: torch.Tensor, a_local: torch.Tensor) -> torch.Tensor:
+    def forward(self, a_mem: torch.Tensor, a_local: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """Mixed attention output [B, T, H, d]: g A_mem + (1 - g) A_local, or exactly A_local where
+        memory is empty (written [B] False). The mixing lives here, not in Block, so every op of it
+        carries this module's name and the recipes keep it float by one regex."""
+        g = self.values(a_mem, a_local)
+        mixed = (g * a_mem + (1.0 - g) * a_local.float()).to(a_local.dtype)
+        return torch.where(written[:, None, None, None], mixed, a_local)
+
+    def values(self, a_mem: torch.Tensor, a_local: torch.Tensor) -> torch.Tensor:
         """a_mem, a_local: [B, T, H, d] -> gate [B, T, H, 1]."""
         b, t, h, d = a_local.shape
         if self.kind == "scalar":
@@ -184,10 +192,10 @@ class MemoryAdapter(nn.Module):
         self.k = nn.Parameter(torch.eye(d).repeat(hkv, 1, 1))
         self.v = nn.Parameter(torch.eye(d).repeat(hkv, 1, 1))
 
-
-def adapt(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, d] @ maps [heads, d, d] per head."""
-    return torch.einsum("bthd,hde->bthe", x, maps.to(x.dtype))
+    def forward(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        """x [B, T, heads, d] @ the `which` ("q", "k" or "v") maps [heads, d, d], per head. A module
+        call (not a bare function) so the ops carry this module's name for the recipes' regexes."""
+        return torch.einsum("bthd,hde->bthe", x, getattr(self, which).to(x.dtype))
 
 
 class Block(nn.Module):
@@ -229,10 +237,8 @@ class Block(nn.Module):
         k_cache, v_cache = write_rows(k_cache, k), write_rows(v_cache, v)
         out = self.local_attn(rotate(q, q_cos, q_sin), rotate(k_cache, k_cos, k_sin), v_cache, mask)
         if self.use_memory:
-            a_mem = self.mem_read(M, z, q if self.memory_adapter is None else adapt(q, self.memory_adapter.q))
-            g = self.gate(a_mem, out)
-            mixed = (g * a_mem + (1.0 - g) * out.float()).to(out.dtype)
-            out = torch.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
+            a_mem = self.mem_read(M, z, q if self.memory_adapter is None else self.memory_adapter(q, "q"))
+            out = self.gate(a_mem, out, written)
         x = x + self.o_proj(out.reshape(b, t, h * d))
         return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
@@ -360,7 +366,7 @@ class EdgeInfiniteTorch(nn.Module):
 
     def _memory_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         adapter = self.blocks[layer].memory_adapter
-        return (k, v) if adapter is None else (adapt(k, adapter.k), adapt(v, adapter.v))
+        return (k, v) if adapter is None else (adapter(k, "k"), adapter(v, "v"))
 
     def step_segment(self, state: State, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """One segment of `window` tokens into the empty window, then compress."""

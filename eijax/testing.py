@@ -66,3 +66,15 @@ def tiny_eijax_model(family: str, memory, *, seed: int = 0, dtype: str = "float3
 
 def random_tokens(shape, vocab: int = 97, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def randomise_memory_path(model, seed: int = 1, scale: float = 0.2) -> None:
+    """Add noise to the gate (and memory-adapter maps, if any) in place: freshly initialised they
+    make the memory path an exact no-op, which no equivalence test should rely on."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    rng = np.random.RandomState(seed)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter"))))
+    nnx.update(model, nnx.from_flat_state(
+        [(p, v.replace(v[...] + jnp.asarray(scale * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))

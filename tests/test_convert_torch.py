@@ -12,20 +12,12 @@ import torch
 from flax import nnx
 
 import eijax
-from eijax.testing import random_tokens, tiny_eijax_model, tiny_hf_model
+from eijax.testing import random_tokens, randomise_memory_path, tiny_eijax_model, tiny_hf_model
 
 from convert.loading import load_model
 from convert.signatures import Compress, Decode, Prefill, flatten_state
 from convert.to_torch import export_folder, load_torch
 from convert.weights import state_to_jax, to_eijax, to_torch
-
-
-def _randomise_gate(model, seed: int = 1) -> None:
-    """Non-trivial gate (and memory adapter) weights, so the whole memory path is exercised."""
-    rng = np.random.RandomState(seed)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter"))))
-    nnx.update(model, nnx.from_flat_state(
-        [(p, v.replace(v[...] + jnp.asarray(0.2 * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))
 
 
 def _params(model) -> list[np.ndarray]:
@@ -35,7 +27,7 @@ def _params(model) -> list[np.ndarray]:
 @pytest.mark.parametrize("gate", ["linear", "head_linear", "scalar"])
 def test_round_trip_is_exact(family, gate):
     model = tiny_eijax_model(family, eijax.MemoryConfig(sink=4, window=8, gate=gate))
-    _randomise_gate(model)
+    randomise_memory_path(model)
     twin = to_torch(model)
     # torch layout: Linear kernels transposed, one tensor per layer, eijax's names otherwise
     assert twin.blocks[1].q_proj.weight.shape == (model.config.n_heads * model.config.head_dim, model.config.d_model)
@@ -69,7 +61,7 @@ def test_torch_twin_matches_jax_over_segments(family, rule, adapter):
     """Sink, chunked segments with padding, three compresses, then decode steps (batch 2)."""
     mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter)
     model = tiny_eijax_model(family, mem)
-    _randomise_gate(model)
+    randomise_memory_path(model)
     twin = to_torch(model)
     if adapter:  # the adapter survives the round trip too
         for a, b in zip(_params(model), _params(to_eijax(twin)), strict=True):
@@ -135,8 +127,8 @@ def test_overflowing_prefill_is_refused():
 def test_hf_export_loads_in_transformers_and_round_trips(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = tiny_eijax_model(family, eijax.MemoryConfig(sink=4, window=8, gate="head_linear"))
-    _randomise_gate(model)
+    model = tiny_eijax_model(family, eijax.MemoryConfig(sink=4, window=8, gate="head_linear", adapter=True))
+    randomise_memory_path(model)
     export_folder(model, tmp_path)
     meta = json.loads((tmp_path / "edgeinfinite.json").read_text())
     assert meta["memory_config"]["gate"] == "head_linear"
@@ -147,7 +139,7 @@ def test_hf_export_loads_in_transformers_and_round_trips(family, tmp_path):
     hidden, _ = model.prefill(model.init_state(1), jnp.asarray(tokens))
     assert _rel(hf_logits, model.logits(hidden)) < 1e-5
     back = load_model(tmp_path)  # eijax from the folder: base + gate file, exact
-    assert back.memory_config.gate == "head_linear"
+    assert back.memory_config.gate == "head_linear" and back.memory_config.adapter
     for a, b in zip(_params(model), _params(back), strict=True):
         np.testing.assert_array_equal(a, b)
     twin, ref = load_torch(tmp_path), to_torch(model)

@@ -114,3 +114,36 @@ def test_checkpoint_for_another_model_fails_clearly(tmp_path):
     other = build_model(tiny_config(tmp_path, "override_model_config=true", "model.n_layers=3"))
     with pytest.raises(CheckpointMismatch, match="n_layers"):
         restore_params(other, tmp_path)
+
+
+def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
+    """A run trained with the memory adapter on an exported base folder comes back through
+    `load_trained` (used by generate and convert) with its adapter, gate and rule, while sink and
+    window follow the inference override and the base weights are the folder's."""
+    from flax import nnx
+
+    from convert.loading import load_model
+    from convert.to_torch import export_folder
+    from eijax.config import MemoryConfig
+    from eijax.train.checkpointing import load_trained, restore_params
+    from eijax.train.loop import build_model, run
+
+    base_dir = export_folder(build_model(tiny_config(tmp_path / "base")), tmp_path / "base")
+    extra = [f"model.checkpoint={base_dir}", "memory.adapter=true", "memory.rule=delta",
+             "optim.trainable=[gate,memory_adapter]", "run.steps=2", "checkpoint.async_save=false"]
+    run(tiny_config(tmp_path / "run", *extra))
+    trained = build_model(tiny_config(tmp_path / "run", *extra))
+    assert restore_params(trained, tmp_path / "run") == 2
+    params = lambda m, f=nnx.Param: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, f))}
+    want = params(trained)
+    identity = np.broadcast_to(np.eye(16), want[("blocks", "memory_adapter", "q")].shape)
+    assert not np.allclose(want[("blocks", "memory_adapter", "q")], identity)  # the adapter did train
+
+    for loaded in (load_trained(tmp_path / "run", MemoryConfig(sink=4, window=64)),
+                   load_model(tmp_path / "run", MemoryConfig(sink=4, window=64))):
+        m = loaded.memory_config
+        assert (m.sink, m.window, m.adapter, m.rule) == (4, 64, True, "delta")
+        got = params(loaded)
+        assert got.keys() == want.keys()
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
