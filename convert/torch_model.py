@@ -75,7 +75,8 @@ class MLP(nn.Module):
 
 
 class MemoryGate(nn.Module):
-    """gate = sigmoid(W [A_mem ; A_local] + b) per token and head (DESIGN §1.2), float32."""
+    """The memory gate g = sigmoid(W [A_mem ; A_local] + b) per token and head (DESIGN §1.2), in
+    float32, and the mix of the two attention outputs that it controls."""
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
         super().__init__()

@@ -229,3 +229,20 @@ def test_memory_off_graph_matches_jax_streaming(tmp_path):
             pos += n
         assert int(state["fill"][0]) == int(jax_state.fill)
         np.testing.assert_array_equal(state["valid"], np.asarray(jax_state.valid))
+
+
+@pytest.mark.slow
+def test_buffer_view_calls_equal_the_signature_runner(exported):
+    """LiteRTModel calls signatures through views of their buffers (one copy per call); the same
+    stream through ai-edge-litert's copying SignatureRunner gives the same logits and state."""
+    from convert.litert_runtime import LiteRTModel, Streamer
+
+    _, paths = exported
+    fast, slow = LiteRTModel(paths["float32"]), LiteRTModel(paths["float32"])
+    slow.runners = {name: call.runner for name, call in slow.runners.items()}
+    tokens = random_tokens((50,), vocab=VOCAB, seed=9).tolist()
+    (a, sa), (b, sb) = (Streamer(m).prefill(m.init_state(), tokens) for m in (fast, slow))
+    for token in tokens[:25]:  # crosses a compress
+        (a, sa), (b, sb) = Streamer(fast).decode_step(sa, token), Streamer(slow).decode_step(sb, token)
+        np.testing.assert_array_equal(a, b)
+        assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
