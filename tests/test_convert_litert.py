@@ -246,3 +246,14 @@ def test_buffer_view_calls_equal_the_signature_runner(exported):
         (a, sa), (b, sb) = Streamer(fast).decode_step(sa, token), Streamer(slow).decode_step(sb, token)
         np.testing.assert_array_equal(a, b)
         assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_graph_without_its_json_still_knows_its_sink(exported, tmp_path):
+    import shutil
+
+    from convert.litert_runtime import LiteRTModel
+
+    _, paths = exported
+    bare = shutil.copyfile(paths["float32"], tmp_path / "bare.tflite")  # no .json beside it
+    assert LiteRTModel(bare).sink == LiteRTModel(paths["float32"]).sink == 4
