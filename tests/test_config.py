@@ -49,22 +49,14 @@ def test_unknown_key_suggests_the_right_one():
         load_config(None, ["optim.lerning_rate=1"])
 
 
-def test_unknown_key_in_file_names_file(tmp_path):
-    exp = _exp(tmp_path, "optim:\n  warmup: 3\n")
-    with pytest.raises(ConfigError, match=r"optim\.warmup.*exp\.yaml"):
-        load_config(exp)
-
-
-def test_key_twice_in_one_file(tmp_path):
-    exp = _exp(tmp_path, "run:\n  steps: 3\n  seed: 1\n  steps: 4\n")
-    with pytest.raises(ConfigError, match="'steps' is set twice"):
-        load_config(exp)
-
-
-def test_wrong_type_in_file(tmp_path):
-    exp = _exp(tmp_path, "data:\n  buckets: 4\n")
-    with pytest.raises(ConfigError, match=r"data\.buckets.*expects list"):
-        load_config(exp)
+@pytest.mark.parametrize("text,needle", [
+    ("optim:\n  warmup: 3\n", r"optim\.warmup.*exp\.yaml"),           # unknown key: names the file
+    ("run:\n  steps: 3\n  seed: 1\n  steps: 4\n", "'steps' is set twice"),
+    ("data:\n  buckets: 4\n", r"data\.buckets.*expects list"),         # wrong type
+])
+def test_file_errors_name_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(_exp(tmp_path, text))
 
 
 def test_model_arch_key_set_again_needs_override(tmp_path):
