@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from eijax.config import MemoryConfig
+from eijax.data.layout import drop_middle as truncate_middle  # the S-SFT fitting rule: keep head and tail
 from eijax.model import EdgeInfiniteLM, State, with_memory_config
 from eijax.schedule import Chunk, plan_chunks
 
@@ -71,32 +72,27 @@ def memory_config_for(method: str, base: MemoryConfig, total_tokens: int = 0, ma
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
-# MemoryConfig fields that change no parameter, only static attributes reset below.
 def route(n_tokens: int, memory: MemoryConfig) -> str:
     """"plain" when the prompt fits in sink + window (memory is never written), else "stream"."""
     return "plain" if n_tokens <= memory.cache_size else "stream"
 
 
-def truncate_middle(tokens: Sequence[int], keep: int) -> list[int]:
-    """Keep the head and tail of the document (the S-SFT fitting rule, eijax.data.layout.drop_middle)."""
-    from eijax.data.layout import drop_middle
-
-    return drop_middle(list(tokens), keep)
-
-
 # ------------------------------------------------------------------ sampling
 def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """logits [B, V] -> ids [B]: greedy when temperature == 0, else temperature + nucleus (top-p)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token: the top one is always kept
-    kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    pick = jax.random.categorical(key, kept, axis=-1)
-    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    """logits [B, V] -> ids [B]: greedy when temperature == 0, else temperature + nucleus (top-p).
+    A cond, not a select: greedy (the default) skips the sort over the whole vocabulary."""
+
+    def nucleus():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token: the top one is always kept
+        kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+        pick = jax.random.categorical(key, kept, axis=-1)
+        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, nucleus, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 # ------------------------------------------------------------------ jitted pieces (params are arguments, not constants)

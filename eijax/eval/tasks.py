@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from eijax.eval.metrics import METRICS, metric_for_dataset
-from eijax.generate import Generator, SamplingConfig, stop_ids
+from eijax.generate import Generator, SamplingConfig, prompt_parts, stop_ids
 
 
 @dataclass
@@ -32,13 +32,6 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _parts(tokenizer, context: str, instruction: str) -> tuple[list[int], list[int]]:
-    from eijax.data.records import QARecord, render_parts
-
-    parts = render_parts(QARecord(context, instruction, ""), tokenizer, "last")
-    return parts.ctx, parts.query
-
-
 def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Sequence[float | None],
                        samples: int, seed: int, max_new_tokens: int = 24) -> list[Example]:
     """`samples` examples per (length, depth); index i shares its key and filler across depths."""
@@ -51,7 +44,7 @@ def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Seq
             for i in range(samples):
                 s = make_sample(task, i, seed=seed, tokenizer=tokenizer, context_tokens=int(length),
                                 depth=depth, filler=filler)
-                doc, question = _parts(tokenizer, s["context"], s["instruction"])
+                doc, question = prompt_parts(tokenizer, s["instruction"], s["context"])
                 out.append(Example(task, int(length), doc, question,
                                    lambda text, s=s: float(score_answer(task, text, s)), max_new_tokens,
                                    depth if depth is not None else s.get("depth"), {"target": s["target"]}))
@@ -76,7 +69,7 @@ def longbench_examples(tokenizer, path: str | Path, lengths: Sequence[int], max_
             if not line.strip():
                 continue
             rec = json.loads(line)
-            doc, question = _parts(tokenizer, rec.get("context", ""), rec["input"])
+            doc, question = prompt_parts(tokenizer, rec["input"], rec.get("context", ""))
             answers = rec["answers"] if isinstance(rec["answers"], list) else [rec["answers"]]
             n = len(doc) + len(question)
             out.append(Example(task, length_bucket(n, lengths), doc, question,
