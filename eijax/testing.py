@@ -78,3 +78,10 @@ def randomise_memory_path(model, seed: int = 1, scale: float = 0.2) -> None:
     flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter"))))
     nnx.update(model, nnx.from_flat_state(
         [(p, v.replace(v[...] + jnp.asarray(scale * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))
+
+
+# Command-line overrides for a seconds-long training run of the tiny-random preset (train tests).
+TINY_TRAIN_ARGS = ("model_name=tiny-random", "data.tokenizer=bytes", "memory.sink=8", "memory.window=128",
+                   "memory.remat=none", "data.tasks=[passkey]", "data.context_lengths=[250]", "data.max_segments=8",
+                   "data.buckets=[4,8]", "eval.before=false", "eval.after=false", "optim.learning_rate=1e-2",
+                   "optim.warmup_steps=1", "run.report=false")

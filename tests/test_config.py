@@ -38,6 +38,7 @@ def test_layer_order_base_model_experiment_cli(tmp_path):
     (["run.steps=3", "run.steps=4"], "run.steps"),
     (["model_name=gpt5"], "gpt5"),
     (["steps"], "steps"),
+    (["run.output_dir=gs://bucket/run"], "run.output_dir"),
 ])
 def test_command_line_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from eijax.testing import TINY_TRAIN_ARGS
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model_name=tiny-random", "data.tokenizer=bytes", "memory.sink=8", "memory.window=128", "memory.remat=none",
-        "data.tasks=[passkey]", "data.context_lengths=[250]", "data.max_segments=8", "data.buckets=[4,8]",
-        "eval.before=false", "eval.after=false", "optim.learning_rate=1e-2", "optim.warmup_steps=1", "run.report=false"]
+TINY = list(TINY_TRAIN_ARGS)
 
 SHARDED_STEP = r"""
 import json, sys

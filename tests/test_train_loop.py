@@ -11,11 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from eijax.testing import TINY_TRAIN_ARGS
 from eijax.train.config_schema import load_config
 
-TINY = ["model_name=tiny-random", "data.tokenizer=bytes", "memory.sink=8", "memory.window=128", "memory.remat=none",
-        "data.tasks=[passkey]", "data.context_lengths=[250]", "data.max_segments=8", "data.buckets=[4,8]", "eval.before=false",
-        "eval.after=false", "optim.learning_rate=1e-2", "optim.warmup_steps=1", "run.report=false"]
+TINY = list(TINY_TRAIN_ARGS)
 
 
 def tiny_config(tmp_path, *extra):

@@ -135,14 +135,12 @@ def restore_params(model, checkpoint_dir: str | Path, step: int | None = None) -
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         check_compatible(meta, model, None, f"{ckpt_dir}/{step}")
         patterns = meta.get("trainable_patterns", ["gate"])
-        from eijax.train.optim import trainable_filter
+        from eijax.train.optim import set_trainable, trainable_filter
         current = nnx.to_pure_dict(nnx.state(model, trainable_filter(patterns)))
         _check_shapes(manager.item_metadata(step)["trainable"], current, f"{ckpt_dir}/{step}")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
         values = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(abstract)))["trainable"]
-    state = nnx.state(model, trainable_filter(patterns))
-    nnx.replace_by_pure_dict(state, values)
-    nnx.update(model, state)
+    set_trainable(model, values, patterns)
     return int(step)
 
 

@@ -329,6 +329,10 @@ def _check_consistency(c: Config) -> None:
     need(c.data.buckets == sorted(c.data.buckets) and c.data.buckets[-1] >= c.data.max_segments,
          f"data.buckets must be ascending and reach data.max_segments={c.data.max_segments}: {c.data.buckets}")
     need(c.memory.sink >= 0 and c.memory.window >= 1, "memory.sink must be >= 0 and memory.window >= 1")
+    # Metrics, reports and the checkpoint folder are written with local file APIs; multi-host orbax
+    # needs one folder every host sees, so a bucket is mounted (gcsfuse), not given as a URL.
+    need("://" not in c.run.output_dir, f"run.output_dir={c.run.output_dir!r}: URLs are not supported; mount the "
+         "bucket (e.g. gcsfuse at /mnt/bucket) and give that path")
     for rule in c.mesh.logical_axis_rules:
         need(isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str),
              f"mesh.logical_axis_rules entries must be [logical_name, mesh_axes]: got {rule!r}")

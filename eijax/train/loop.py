@@ -16,12 +16,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eijax.config import MemoryConfig, ModelConfig, RopeConfig
+from eijax.config import model_config_from_hf
 from eijax.train import checkpointing as ckpt
 from eijax.train import sharding as shd
 from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
-from eijax.train.optim import count_params, learning_rate_schedule, make_optimizer, split_trainable
+from eijax.train.optim import count_params, learning_rate_schedule, make_optimizer, set_trainable, split_trainable
 from eijax.train.flops import matmul_peak_flops, model_flops_per_token
 from eijax.train.step import compile_step, jit_train_step
 
@@ -44,17 +44,13 @@ def maybe_initialize_distributed(config: Config) -> None:
     jax.distributed.initialize(**kwargs)  # Cloud TPU: everything is found from the environment
 
 
-def memory_config(config: Config) -> MemoryConfig:
-    return MemoryConfig(**dataclasses.asdict(config.memory))
-
-
 def build_model(config: Config):
     """The base model (pretrained, or random from the config's shapes), with the shapes checked."""
     from eijax.pretrained import build_model as build_random, load_pretrained
 
     m = config.model
     if m.checkpoint:
-        model = load_pretrained(m.checkpoint, memory_config(config), dtype=m.dtype, param_dtype=m.param_dtype)
+        model = load_pretrained(m.checkpoint, config.memory, dtype=m.dtype, param_dtype=m.param_dtype)
         c = model.config
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             want = getattr(m, key)
@@ -62,11 +58,13 @@ def build_model(config: Config):
                 raise ConfigError(f"model.{key}={want} (model preset {config.model_name!r}) but checkpoint "
                                   f"{m.checkpoint!r} has {key}={getattr(c, key)}")
         return model
-    mc = ModelConfig(family=m.family, vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                     n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, d_ff=m.d_ff,
-                     rope=RopeConfig(theta=m.rope_theta), tie_embeddings=m.tie_embeddings,
-                     qkv_bias=m.family == "qwen2", qk_norm=m.family == "qwen3", dtype=m.dtype, param_dtype=m.param_dtype)
-    return build_random(mc, memory_config(config), seed=config.run.seed)
+    # the family's rules (qkv bias, q/k norm, ...) come from the one place that knows them
+    mc = model_config_from_hf(dict(model_type=m.family, vocab_size=m.vocab_size, hidden_size=m.d_model,
+                                   num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                                   num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, intermediate_size=m.d_ff,
+                                   rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings),
+                              dtype=m.dtype, param_dtype=m.param_dtype)
+    return build_random(mc, config.memory, seed=config.run.seed)
 
 
 def load_tokenizer_for(config: Config):
@@ -171,7 +169,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
         evaluator = Evaluator(model, tokenizer, samples, config.eval.max_new_tokens, config.data.question_position)
 
     def evaluate(tag: str) -> dict[str, float]:
-        nnx.update(model, nnx.from_flat_state(_flat_update(model, trainable, config.optim.trainable)))
+        set_trainable(model, trainable, config.optim.trainable)
         log0(f"evaluating ({tag}) at step {step}:")
         res, rows = evaluator(log0)
         metrics_out.write(step, res, kind=f"eval_{tag}" if tag in ("before", "after") else "eval")
@@ -199,7 +197,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
     with ckpt.PreemptionGuard() as guard:
         while step < config.run.steps:
             t0 = time.perf_counter()
-            micro = []
+            micro, tok = [], 0
             for _ in range(k):
                 local = next(data_iter)
                 batch = shd.global_batch({key: local[key] for key in BATCH_KEYS}, shardings["batch"])
@@ -213,21 +211,20 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
                     t0 += time.perf_counter() - t_c  # compile time is not training throughput
                 trainable, opt_state, m = compiled[shape](trainable, opt_state, frozen, batch)
                 micro.append(m)
-                tokens_seen_step = int(np.sum(local["valid"])) * jax.process_count()
-                tokens_seen += tokens_seen_step
+                tok += int(np.sum(local["valid"])) * jax.process_count()
             m = jax.device_get(micro)
+            tokens_seen += tok
             loss = float(np.mean([x["loss"] for x in m]))
             dt = time.perf_counter() - t0
             train_seconds += dt
             step += 1
             losses.append(loss)
             n_tok = sum(int(np.sum(np.asarray(x["answer_tokens"]))) for x in m)
-            tok = tokens_seen_step * k
             record = dict(loss=loss, learning_rate=float(schedule(step - 1)), grad_norm=float(m[-1]["grad_norm"]),
                           token_accuracy=float(np.mean([x["token_accuracy"] for x in m])), answer_tokens=n_tok,
                           tokens_per_s=tok / dt, model_tflops_per_s=tok * flops_tok / dt / 1e12,
                           mfu=tok * flops_tok / dt / peak_flops,
-                          seconds_per_step=dt, **gate_stats(jax.device_get(trainable)))
+                          seconds_per_step=dt, **gate_stats(trainable))  # reads only the gate leaves
             if step % config.run.log_every == 0 or step == config.run.steps:
                 metrics_out.write(step, record)
             progress.update(1, loss, record["tokens_per_s"], record["learning_rate"])
@@ -262,11 +259,3 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
             from eijax.train.report import write_report
             write_report(out / "report.md", config, summary)
     return summary
-
-
-def _flat_update(model, trainable: dict, patterns) -> list:
-    """(path, Variable) pairs that put the trained values into `model`."""
-    from eijax.train.optim import trainable_filter
-    state = nnx.state(model, trainable_filter(patterns))
-    nnx.replace_by_pure_dict(state, jax.device_get(trainable))
-    return list(nnx.to_flat_state(state))

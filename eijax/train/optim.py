@@ -28,6 +28,15 @@ def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.Gra
     return graphdef, trainable, frozen
 
 
+def set_trainable(model: nnx.Module, values, patterns: Sequence[str]) -> None:
+    """Put trained values (a pure dict, on device or host) into `model` in place."""
+    import jax
+
+    state = nnx.state(model, trainable_filter(patterns))
+    nnx.replace_by_pure_dict(state, jax.device_get(values))
+    nnx.update(model, state)
+
+
 def learning_rate_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
