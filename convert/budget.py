@@ -26,14 +26,6 @@ class Budget:
     def total(self) -> int:
         return self.weights + 2 * (self.kv_cache + self.memory_state) + self.activations
 
-    def lines(self) -> list[str]:
-        mib = lambda n: f"{n / 2**20:9.2f} MiB"
-        return [f"  weights            {mib(self.weights)}",
-                f"  kv cache           {mib(self.kv_cache)}",
-                f"  memory (M, z)      {mib(self.memory_state)}",
-                f"  activations (est.) {mib(self.activations)}",
-                f"  total              {mib(self.total)}  (state counted twice: input and output buffers)"]
-
 
 def parameter_count(cfg: ModelConfig, with_gate: bool = True) -> int:
     h, hkv, d, dm = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model

@@ -53,12 +53,13 @@ def passkey_accuracy(model: LiteRTModel, tokenizer, samples: Sequence[dict], max
 def evaluate(paths: dict[str, Path], tokens: Sequence[int], n_prefill: int, tokenizer=None,
              passkey_sets: dict[str, Sequence[dict]] | None = None) -> list[dict]:
     """A row per recipe; the float32 graph is the reference. `passkey_sets`: {column: samples}."""
-    reference = teacher_forced_logits(LiteRTModel(paths["float32"]), tokens, n_prefill)
+    float_model = LiteRTModel(paths["float32"])
+    reference = teacher_forced_logits(float_model, tokens, n_prefill)
     rows = []
     for name, path in paths.items():
-        model = LiteRTModel(path)
-        row = dict(recipe=name, bytes=path.stat().st_size,
-                   **compare_logits(teacher_forced_logits(model, tokens, n_prefill), reference))
+        model = float_model if name == "float32" else LiteRTModel(path)
+        logits = reference if name == "float32" else teacher_forced_logits(model, tokens, n_prefill)
+        row = dict(recipe=name, bytes=path.stat().st_size, **compare_logits(logits, reference))
         if tokenizer is not None:
             for column, samples in (passkey_sets or {}).items():
                 row[column] = passkey_accuracy(model, tokenizer, samples)

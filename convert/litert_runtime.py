@@ -66,7 +66,7 @@ class LiteRTModel:
                                    reverse=True))
         if "decode" not in signatures or "compress" not in signatures or not self.chunks:
             raise ValueError(f"{self.path} lacks prefill_T/decode/compress signatures: {sorted(signatures)}")
-        self.state_specs = {d["name"]: d for d in self._input_details("compress")}
+        self.state_specs = self.runners["compress"].get_input_details()  # {state name: shape, dtype, ...}
         meta_path = self.path.with_suffix(META_SUFFIX)
         self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self.cache_size = int(self.state_specs["valid"]["shape"][1])
@@ -79,10 +79,6 @@ class LiteRTModel:
         state = self.init_state()
         state["fill"][:] = self.cache_size
         return int(self.runners["compress"](**state)["fill"][0])
-
-    def _input_details(self, signature: str) -> list[dict]:
-        details = self.runners[signature].get_input_details()
-        return [{**d, "name": name} for name, d in details.items()]  # signature name, not the tensor's
 
     def init_state(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(d["shape"], d["dtype"]) for name, d in self.state_specs.items()}

@@ -32,9 +32,7 @@ def load_model(checkpoint: str | Path, memory: MemoryConfig | None = None) -> Ed
 
     path = Path(checkpoint).expanduser()
     if is_export_folder(path):
-        meta = json.loads((path / EXPORT_META).read_text())
-        saved = MemoryConfig(**meta["memory_config"])
-        model = load_pretrained(path, trained_memory(saved, memory))
+        model = load_pretrained(path, export_memory_config(path, memory))
         _load_gate_file(model, path / GATE_FILE)
         return model
     if training_checkpoint_dir(path) is not None:
@@ -42,16 +40,32 @@ def load_model(checkpoint: str | Path, memory: MemoryConfig | None = None) -> Ed
     return load_pretrained(checkpoint, memory or MemoryConfig())
 
 
+def export_memory_config(folder: Path, memory: MemoryConfig | None = None) -> MemoryConfig:
+    """The export folder's MemoryConfig, with `memory`'s inference choices (sink, window, enabled)."""
+    saved = MemoryConfig(**json.loads((Path(folder) / EXPORT_META).read_text())["memory_config"])
+    return trained_memory(saved, memory)
+
+
 def _load_gate_file(model: EdgeInfiniteLM, gate_file: Path) -> None:
     """Gate tensors (torch-twin names) -> the eijax model, through the exact rename + transpose."""
     from flax import nnx
     from safetensors.numpy import load_file
 
-    from convert.weights import eijax_state_from_torch_names
+    from convert.weights import eijax_updates
 
-    gate = load_file(str(gate_file))
-    updates = eijax_state_from_torch_names(model, gate)
-    nnx.update(model, updates)
+    nnx.update(model, eijax_updates(model, load_file(str(gate_file)), partial=True))
+
+
+def try_load_tokenizer(source: str | None):
+    """The tokenizer at `source`, or None where there is none (tiny random test models)."""
+    if source is None:
+        return None
+    from eijax.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(source)
+    except (FileNotFoundError, ValueError, OSError, KeyError):
+        return None
 
 
 def tokenizer_source(checkpoint: str | Path) -> str | None:

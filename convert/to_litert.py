@@ -13,13 +13,14 @@ ai-edge-quantizer from a rule list in convert/recipes/<name>.json (or any JSON p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,10 +49,6 @@ def load_recipe(name_or_path: str) -> tuple[str, list[dict]]:
     if not isinstance(rules, list):
         raise ValueError(f"recipe {path} must be a JSON list of quantizer rules")
     return path.stem, rules
-
-
-def needs_calibration(rules: list[dict]) -> bool:
-    return any("activation_tensor_config" in r.get("op_config", {}) for r in rules)
 
 
 # ------------------------------------------------------------------------------ float export
@@ -91,20 +88,7 @@ def calibration_data(float_path: Path, prompts: Sequence[Sequence[int]], decode_
 
     model = LiteRTModel(float_path)
     data: dict[str, list[dict]] = {name: [] for name in model.runners}
-    record = lambda sig, inputs: data[sig].append({k: np.array(v) for k, v in inputs.items()})
-    original_prefill, original_compress = model.prefill, model.compress
-
-    def prefill(state, tokens, n_valid):
-        t = tokens.shape[1]
-        sig, extra = ("decode", {"tokens": tokens}) if t == 1 else (f"prefill_{t}", {"tokens": tokens, "n_valid": n_valid})
-        record(sig, {**extra, **state})
-        return original_prefill(state, tokens, n_valid)
-
-    def compress(state):
-        record("compress", state)
-        return original_compress(state)
-
-    model.prefill, model.compress = prefill, compress
+    model.runners = {name: _Recording(call, data[name]) for name, call in model.runners.items()}
     streamer = Streamer(model)
     for prompt in prompts:
         state = model.init_state()
@@ -118,6 +102,20 @@ def calibration_data(float_path: Path, prompts: Sequence[Sequence[int]], decode_
         tokens = np.array([(first * (t // max(len(first), 1) + 1))[:t]], np.int32)
         model.prefill(model.init_state(), tokens, np.array([t], np.int32))
     return data
+
+
+class _Recording:
+    """A signature call that also keeps a copy of every input it is given."""
+
+    def __init__(self, call, samples: list[dict]):
+        self.call, self.samples = call, samples
+
+    def get_input_details(self) -> dict:
+        return self.call.get_input_details()
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        self.samples.append({k: np.array(v) for k, v in inputs.items()})
+        return self.call(**inputs)
 
 
 def calibrate(float_path: Path, rules: list[dict], calibration: dict[str, list[dict]]) -> dict:
@@ -139,7 +137,10 @@ def calibrate(float_path: Path, rules: list[dict], calibration: dict[str, list[d
     return calib.get_model_qsvs()
 
 
-def quantize(float_path: Path, rules: list[dict], out_path: Path, calibration: dict | None = None) -> Path:
+def quantize(float_path: Path, rules: list[dict], out_path: Path,
+             calibration: Callable[[], dict[str, list[dict]]] | None = None) -> Path:
+    """Apply a recipe. `calibration` is called (once, by the caller's cache) only when the quantizer
+    says the recipe needs activation ranges."""
     from ai_edge_quantizer import quantizer
 
     qt = quantizer.Quantizer(str(float_path), rules)
@@ -147,7 +148,7 @@ def quantize(float_path: Path, rules: list[dict], out_path: Path, calibration: d
     if qt.need_calibration:
         if calibration is None:
             raise ValueError("this recipe quantises activations and needs calibration data")
-        ranges = calibrate(float_path, rules, calibration)
+        ranges = calibrate(float_path, rules, calibration())
     qt.quantize(ranges, enable_progress_report=False).export_model(str(out_path), overwrite=True)
     return out_path
 
@@ -173,7 +174,7 @@ def calibration_prompts(tokenizer, vocab_size: int, n_prompts: int = 3, length: 
 def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir: str | Path, *,
             calibration_length: int = 0, reuse_float: bool = False, log=print) -> dict[str, Path]:
     """Float export + every recipe; returns {recipe: path}. Prints sizes, times and the budget."""
-    from convert.loading import load_model, tokenizer_source
+    from convert.loading import load_model, tokenizer_source, try_load_tokenizer
 
     scenario = load_scenario(scenario_name)
     resolved = [load_recipe(r) for r in recipes]  # fail on a bad recipe before the slow conversion
@@ -189,7 +190,13 @@ def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir
         export_float(model, scenario, float_path, meta)
         log(f"[{FLOAT}] converted in {time.perf_counter() - t0:.1f}s, peak RSS {peak_rss_mib():.0f} MiB")
     paths = {FLOAT: float_path}
-    calibration = None
+
+    @functools.cache
+    def calibration() -> dict[str, list[dict]]:  # recorded once, for the first recipe that needs it
+        prompts = calibration_prompts(try_load_tokenizer(tok_source), model.config.vocab_size,
+                                      length=calibration_length or 2 * scenario.cache_size)
+        return calibration_data(float_path, prompts)
+
     for name, rules in resolved:
         if name == FLOAT:
             continue
@@ -198,10 +205,6 @@ def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir
         if not rules:
             shutil.copyfile(float_path, out)
         else:
-            if needs_calibration(rules) and calibration is None:
-                prompts = calibration_prompts(_tokenizer(tok_source), model.config.vocab_size,
-                                              length=calibration_length or 2 * scenario.cache_size)
-                calibration = calibration_data(float_path, prompts)
             quantize(float_path, rules, out, calibration)
         write_meta(out, scenario, name, meta)
         paths[name] = out
@@ -215,17 +218,6 @@ def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir
         log(f"  {name:18s} " + " ".join(f"{v / 2**20:9.1f}" for v in
                                          (b.weights, b.kv_cache, b.memory_state, b.activations, b.total)))
     return paths
-
-
-def _tokenizer(source: str | None):
-    if source is None:
-        return None
-    try:
-        from eijax.tokenizer import load_tokenizer
-
-        return load_tokenizer(source)
-    except (FileNotFoundError, ValueError, OSError, KeyError):
-        return None
 
 
 def peak_rss_mib() -> float:

@@ -27,7 +27,8 @@ import numpy as np
 from eijax.config import MemoryConfig, model_config_from_hf
 from eijax.model import EdgeInfiniteLM
 
-from convert.loading import EXPORT_META, GATE_FILE, load_model
+from convert.loading import (EXPORT_META, GATE_FILE, export_memory_config, load_model, tokenizer_source,
+                             try_load_tokenizer)
 
 FORMAT_VERSION = 1
 
@@ -61,8 +62,7 @@ def extra_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
     """Parameters that are not part of the base model (gate, memory adapter), under the twin's names."""
     from convert.weights import torch_state_dict
 
-    return {k: v for k, v in torch_state_dict(model).items()
-            if k.startswith("blocks.") and k.split(".")[2] in EDGEINFINITE_MODULES}
+    return torch_state_dict(model, block_modules=EDGEINFINITE_MODULES)
 
 
 def export_folder(model: EdgeInfiniteLM, out: str | Path, *, source: str | None = None) -> Path:
@@ -82,22 +82,10 @@ def export_folder(model: EdgeInfiniteLM, out: str | Path, *, source: str | None 
                 source=str(source) if source else None)
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2))
     if source is not None:
-        from convert.loading import tokenizer_source
-
-        tok_source = tokenizer_source(source)
-        if tok_source:
-            _copy_tokenizer(tok_source, out)
+        tokenizer = try_load_tokenizer(tokenizer_source(source))
+        if tokenizer is not None:  # a source without one (tiny random test models): the weights are the export
+            tokenizer.save_pretrained(str(out))
     return out
-
-
-def _copy_tokenizer(source: str, out: Path) -> None:
-    from eijax.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(source)
-    except (FileNotFoundError, ValueError, OSError, KeyError):
-        return  # a source without a tokenizer (tiny random test models): the weights are the export
-    tokenizer.save_pretrained(str(out))
 
 
 def load_torch(folder: str | Path, memory: MemoryConfig | None = None, cache_write: str = "onehot"):
@@ -109,14 +97,11 @@ def load_torch(folder: str | Path, memory: MemoryConfig | None = None, cache_wri
     import torch
 
     from eijax.pretrained import hf_tensor_names
-    from eijax.train.checkpointing import trained_memory
     from convert.torch_model import EdgeInfiniteTorch
 
     folder = Path(folder)
-    meta = json.loads((folder / EXPORT_META).read_text())
-    saved = MemoryConfig(**meta["memory_config"])
     config = model_config_from_hf(json.loads((folder / "config.json").read_text()))
-    twin = EdgeInfiniteTorch(config, trained_memory(saved, memory), cache_write=cache_write)
+    twin = EdgeInfiniteTorch(config, export_memory_config(folder, memory), cache_write=cache_write)
     hf = load_file(str(folder / "model.safetensors"))
     block_names, top_names = hf_tensor_names()
     tensors = dict(load_file(str(folder / GATE_FILE)))

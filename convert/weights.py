@@ -40,11 +40,14 @@ def _layers(path: tuple[str, ...], var) -> list[int | None]:
     return list(range(var.shape[0])) if path[0] == "blocks" else [None]
 
 
-def torch_state_dict(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
-    """eijax parameters as {torch name: float32 array} in torch layout (owned, writable arrays)."""
+def torch_state_dict(model: EdgeInfiniteLM, block_modules: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """eijax parameters as {torch name: float32 array} in torch layout (owned, writable arrays);
+    with `block_modules`, only those per-layer modules (e.g. the gate), nothing else converted."""
     gate_kind = model.memory_config.gate
     out: dict[str, np.ndarray] = {}
     for path, var in _flat_params(model):
+        if block_modules is not None and not (path[0] == "blocks" and path[1] in block_modules):
+            continue
         value = np.asarray(var[...], dtype=np.float32)
         for i in _layers(path, var):
             name, transpose = torch_name(path, i, gate_kind)
@@ -79,11 +82,6 @@ def eijax_updates(model: EdgeInfiniteLM, tensors: dict[str, np.ndarray], *, part
     return nnx.from_flat_state(updates)
 
 
-def eijax_state_from_torch_names(model: EdgeInfiniteLM, tensors: dict[str, np.ndarray]) -> nnx.State:
-    """A partial update (e.g. the gate file of an export folder)."""
-    return eijax_updates(model, tensors, partial=True)
-
-
 def to_torch(model: EdgeInfiniteLM, memory=None, cache_write: str = "onehot") -> EdgeInfiniteTorch:
     """A float32 PyTorch twin holding exactly the eijax parameters (optionally under another
     MemoryConfig: sink/window/enabled are inference choices; the gate type must match)."""
@@ -108,14 +106,6 @@ def to_eijax(twin: EdgeInfiniteTorch) -> EdgeInfiniteLM:
 
 
 # ------------------------------------------------------------------------------ state
-def state_to_torch(state: JaxState) -> TorchState:
-    split = lambda a: [torch.from_numpy(np.array(x, dtype=np.float32)) for x in np.asarray(a, dtype=np.float32)]
-    return TorchState(k=split(state.k), v=split(state.v), M=split(state.memory.M), z=split(state.memory.z),
-                      valid=torch.from_numpy(np.array(state.valid, dtype=bool)),
-                      fill=torch.tensor(int(state.fill), dtype=torch.int32),
-                      written=torch.from_numpy(np.array(state.written, dtype=bool)))
-
-
 def state_to_jax(state: TorchState) -> JaxState:
     stack = lambda xs: jnp.asarray(np.stack([x.detach().numpy() for x in xs]))
     return JaxState(k=stack(state.k), v=stack(state.v), valid=jnp.asarray(state.valid.numpy()),

@@ -100,22 +100,28 @@ def test_budget_is_fixed_by_the_scenario():
 
 # ------------------------------------------------------------------ slow: conversions
 def _jax_steps(model, calls, tokens):
+    """[(chunk [1, size] int32, n valid, logits, eijax state)] per call; (None, 0, None, state) for a compress."""
     prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
     compress = nnx.jit(lambda m, s: m.compress(s))
     state, pos, out = model.init_state(1), 0, []
     for call in calls:
         if call == "compress":
             state = compress(model, state)
-            out.append((None, state))
+            out.append((None, 0, None, state))
             continue
         n, size = call
         chunk = np.zeros((1, size), np.int32)
         chunk[0, :n] = tokens[pos:pos + n]
         valid = np.arange(size)[None] < n
         hidden, state = prefill(model, state, jnp.asarray(chunk), jnp.asarray(valid))
-        out.append((np.asarray(model.logits(hidden[:, n - 1])), state))
+        out.append((chunk, n, np.asarray(model.logits(hidden[:, n - 1])), state))
         pos += n
     return out
+
+
+def _assert_same_slots(state: dict, jax_state) -> None:
+    assert int(state["fill"][0]) == int(jax_state.fill)
+    np.testing.assert_array_equal(state["valid"], np.asarray(jax_state.valid))
 
 
 # (valid tokens, chunk size) or "compress": sink + window, padded chunks, decode, three compresses
@@ -132,25 +138,20 @@ def test_litert_float_matches_torch_and_jax(exported):
     lite = LiteRTModel(paths["float32"])
     twin = to_torch(model, model.memory_config)
     tokens = random_tokens((60,), vocab=VOCAB, seed=7)
-    reference = _jax_steps(model, CALLS, tokens)
-    state, tstate, pos, checked = lite.init_state(), twin.init_state(1), 0, 0
-    for call, (jax_logits, jax_state) in zip(CALLS, reference):
-        if call == "compress":
+    state, tstate, checked = lite.init_state(), twin.init_state(1), 0
+    for chunk, n, jax_logits, jax_state in _jax_steps(model, CALLS, tokens):
+        if chunk is None:
             state, tstate = lite.compress(state), twin.compress(tstate)
         else:
-            n, size = call
-            chunk = np.zeros((1, size), np.int32)
-            chunk[0, :n] = tokens[pos:pos + n]
             logits, state = lite.prefill(state, chunk, np.array([n], np.int32))
             with torch.no_grad():
-                hidden, tstate = twin.prefill(tstate, torch.from_numpy(chunk), torch.arange(size)[None] < n)
+                hidden, tstate = twin.prefill(tstate, torch.from_numpy(chunk), torch.arange(chunk.shape[1])[None] < n)
                 torch_logits = twin.logits(hidden[:, n - 1]).numpy()
             for other in (logits, torch_logits):
                 assert np.abs(other - jax_logits).max() / np.abs(jax_logits).max() < 1e-4
-            pos += n
             checked += 1
-        assert int(state["fill"][0]) == int(tstate.fill) == int(jax_state.fill)
-        np.testing.assert_array_equal(state["valid"], np.asarray(jax_state.valid))
+        assert int(state["fill"][0]) == int(tstate.fill)
+        _assert_same_slots(state, jax_state)
         np.testing.assert_array_equal(state["written"], np.asarray(jax_state.written))
         for i in range(model.config.n_layers):
             for name, ref in ((f"mem_M_{i}", jax_state.memory.M[i]), (f"mem_z_{i}", jax_state.memory.z[i])):
@@ -216,19 +217,14 @@ def test_memory_off_graph_matches_jax_streaming(tmp_path):
     lite = LiteRTModel(export_float(model, scenario, tmp_path / "off.tflite"))
     assert not any(name.startswith("mem_") for name in lite.state_specs)
     tokens = random_tokens((60,), vocab=VOCAB, seed=5)
-    state, pos = lite.init_state(), 0
-    for call, (jax_logits, jax_state) in zip(CALLS, _jax_steps(model, CALLS, tokens)):
-        if call == "compress":
+    state = lite.init_state()
+    for chunk, n, jax_logits, jax_state in _jax_steps(model, CALLS, tokens):
+        if chunk is None:
             state = lite.compress(state)
         else:
-            n, size = call
-            chunk = np.zeros((1, size), np.int32)
-            chunk[0, :n] = tokens[pos:pos + n]
             logits, state = lite.prefill(state, chunk, np.array([n], np.int32))
             assert np.abs(logits - jax_logits).max() / np.abs(jax_logits).max() < 1e-4
-            pos += n
-        assert int(state["fill"][0]) == int(jax_state.fill)
-        np.testing.assert_array_equal(state["valid"], np.asarray(jax_state.valid))
+        _assert_same_slots(state, jax_state)
 
 
 @pytest.mark.slow
