@@ -17,7 +17,9 @@ GateType = Literal["linear", "head_linear", "scalar"]
 MemoryRule = Literal["linear", "delta"]
 RematPolicy = Literal["none", "segment", "layer", "both"]
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
+# model_type -> the transformers class of a checkpoint (the one table of supported families)
+HF_ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_FAMILIES = tuple(HF_ARCHITECTURE_CLASS)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 

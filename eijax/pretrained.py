@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eijax.config import MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
+from eijax.config import HF_ARCHITECTURE_CLASS, MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
 from eijax.layers import MemoryAdapter, MemoryGate
 from eijax.model import EdgeInfiniteLM
 
@@ -124,7 +124,7 @@ def hf_config_of(model: EdgeInfiniteLM) -> dict[str, Any]:
     if c.rope.kind != "default":
         rope.update(factor=c.rope.factor, low_freq_factor=c.rope.low_freq_factor,
                     high_freq_factor=c.rope.high_freq_factor, original_max_position_embeddings=c.rope.original_max_position)
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[c.family]
+    arch = HF_ARCHITECTURE_CLASS[c.family]
     out = dict(architectures=[arch], model_type=c.family, vocab_size=c.vocab_size, hidden_size=c.d_model,
                num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
                head_dim=c.head_dim, intermediate_size=c.d_ff, rms_norm_eps=c.norm_eps,

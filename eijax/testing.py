@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+from eijax.config import SUPPORTED_FAMILIES as FAMILIES
 
 
 def tiny_hf_config(family: str, **overrides):

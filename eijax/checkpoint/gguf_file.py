@@ -18,13 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-
-_HF_ARCHITECTURE_CLASS = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from eijax.config import HF_ARCHITECTURE_CLASS, SUPPORTED_FAMILIES as SUPPORTED_ARCHITECTURES
 
 # GGUF names outside the blocks -> Hugging Face module names.
 _TOP_LEVEL_NAMES = {
@@ -149,7 +143,7 @@ def gguf_hf_config(reader: GGUFReader, architecture: str, gguf_shapes: dict[str,
     rope_scaling = _rope_scaling(arch_field)
 
     config: dict[str, Any] = {
-        "architectures": [_HF_ARCHITECTURE_CLASS[architecture]],
+        "architectures": [HF_ARCHITECTURE_CLASS[architecture]],
         "model_type": architecture,
         "hidden_size": hidden_size,
         "intermediate_size": _single_value(arch_field("feed_forward_length"), "feed_forward_length"),
