@@ -144,6 +144,7 @@ class Engine:
         self._score = jax.jit(functools.partial(_score_chunk, g), donate_argnums=1)
         self._compress = jax.jit(functools.partial(_compress, g), donate_argnums=1)
         self._decode = jax.jit(functools.partial(_decode_step, g), donate_argnums=1)
+        self._sample = jax.jit(sample_token)  # the first token; eager, its cond would be traced on every call
 
     def init_state(self) -> State:
         return self.model.init_state(1)
@@ -196,7 +197,7 @@ class Engine:
         key = jax.random.PRNGKey(sampling.seed)
         temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
         key, sub = jax.random.split(key)
-        token = sample_token(logits, sub, temperature, top_p)
+        token = self._sample(logits, sub, temperature, top_p)
         for i in range(sampling.max_new_tokens):
             t = int(token[0])
             if t in sampling.stop_ids:
