@@ -19,17 +19,17 @@ def main(argv: list[str]) -> None:
         print("\nEvery key, its type and default: configs/base.yaml. Run outputs: <run.output_dir>/"
               "{report.md, summary.json, metrics.jsonl, tensorboard/, checkpoints/}.")
         return
-    from eijax.train.config_schema import ConfigError, load_config
+    from eijax.cli import enable_compilation_cache, user_errors
+    from eijax.train.config_schema import load_config
 
     experiment = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if experiment else argv
-    try:
+    enable_compilation_cache()  # a resumed or repeated run reuses its compiled steps
+    with user_errors():  # config, data and checkpoint mistakes: one "error: ..." line, exit status 2
         config = load_config(experiment, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    from eijax.train.loop import run
+        from eijax.train.loop import run
 
-    run(config)
+        run(config)
 
 
 if __name__ == "__main__":  # grain worker processes re-import this module

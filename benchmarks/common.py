@@ -60,3 +60,13 @@ def timed(fn, *args, repeats: int = 3) -> tuple[float, Any]:
         out = jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def warn_if_busy(threshold: float = 0.5) -> float:
+    """Warn when the 1-minute load average says another process is busy (timings would be off:
+    on 2 cores a second busy process stalls the OpenMP / Eigen thread pools). Returns the load."""
+    load = os.getloadavg()[0]
+    if load > threshold:
+        print(f"warning: load average {load:.2f} > {threshold}: another process is busy; timings will be "
+              "slower than on a quiet machine", file=sys.stderr, flush=True)
+    return load

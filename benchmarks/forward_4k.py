@@ -18,6 +18,7 @@ from flax import nnx
 
 import eijax
 from eijax.checkpoint import read_checkpoint
+from benchmarks.common import warn_if_busy
 
 
 def _count(tree) -> int:
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=512)
     args = ap.parse_args()
+    warn_if_busy()
 
     gate_fractions(args.model)
     mem = eijax.MemoryConfig(sink=args.sink, window=args.window)

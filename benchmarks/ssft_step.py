@@ -1,92 +1,120 @@
-"""S-SFT train step vs number of segments: time and compiled peak memory, with and without remat,
-and the step's FLOP/s as a fraction of this machine's measured float32 matmul peak.
+"""The default S-SFT train step (`python train.py`'s config, the real SmolLM2): tokens/s and achieved
+FLOP/s as a fraction of this machine's measured matmul peak, for the step as it was ("before") and
+as it is, measured in one run on the same batches.
 
-The step is the trainer's loss (eijax.train.step.loss_fn: chunked cross-entropy on answer tokens)
-differentiated with respect to the gate only, at batch 1; the answer is the last segment. Memory is
-XLA's compiled temp allocation (memory_analysis), which is what grows with the sequence.
+  before  remat per segment, lm head on every slot, the question segment kept at full window
+  after   the trainer's step: remat "auto" (none on CPU), lm head on answer tokens only, the last
+          segment cut to the slots it uses (eijax.train.step.prepare_batch), no backward through the
+          sink and segment 0 when only the memory path trains (EdgeInfiniteLM.forward frozen_local)
 
-    python -m benchmarks.ssft_step                        # defaults: a few minutes
-    python -m benchmarks.ssft_step --layers 30 --segments 1,2,4,8,16 --window 512
+Both give the same loss (checked here). FLOPs counted are only those a step needs
+(`eijax.train.flops.step_flops`: forward and activation-backward matmuls over the real slots, the lm
+head over answer tokens), the same count for both, so the fraction of peak is comparable.
+
+    python -m benchmarks.ssft_step                  # ~5 minutes on 2 cores
+    python -m benchmarks.ssft_step --batches 2 --repeats 1 key=value ...   # config overrides
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import smollm2_shaped, timed
-from eijax.train.flops import matmul_peak_flops
-from eijax.config import MemoryConfig
+from benchmarks.common import warn_if_busy
+from eijax.train.config_schema import load_config
+from eijax.train.flops import matmul_peak_flops, step_flops
+from eijax.train.step import loss_fn, prepare_batch
 
 
-def make_batch(memory: MemoryConfig, n_segments: int, vocab: int, seed: int = 0) -> dict[str, jax.Array]:
-    n = memory.sink + n_segments * memory.window
-    tokens = np.random.RandomState(seed).randint(0, vocab, (1, n)).astype(np.int32)
-    labels = np.roll(tokens, -1, axis=1)
-    mask = np.zeros((1, n), np.float32)
-    mask[:, -memory.window:-1] = 1.0  # the answer: the last segment
-    return dict(tokens=jnp.asarray(tokens), valid=jnp.ones((1, n), bool), labels=jnp.asarray(labels),
-                loss_mask=jnp.asarray(mask))
+def before_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The old step's inputs: every slot kept and every slot through the lm head (mask = weight)."""
+    b, n = local["tokens"].shape
+    return dict(tokens=local["tokens"], valid=local["valid"], loss_index=np.tile(np.arange(n, dtype=np.int32), (b, 1)),
+                loss_labels=local["labels"].astype(np.int32), loss_weight=local["loss_mask"].astype(np.float32))
 
 
-def gate_step(model, chunk: int = 128):
-    """(jitted step(trainable, frozen, batch) -> (loss, grads), trainable, frozen)."""
-    from eijax.train.step import loss_fn
+def grad_step(model, patterns, chunk: int, skip_frozen: bool):
+    from eijax.train.optim import memory_path_only, split_trainable
 
-    graphdef, trainable, frozen = nnx.split(model, nnx.PathContains("gate"), ...)
+    graphdef, trainable, frozen = split_trainable(model, patterns)
+    frozen_local = skip_frozen and memory_path_only(trainable)
+    trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
+    @jax.jit
     def step(trainable, frozen, batch):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, chunk)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, chunk,
+                                                                     frozen_local)
         return loss, grads
 
-    return jax.jit(step), trainable, frozen
+    return step, trainable, frozen
 
 
-def model_flops(model, n_tokens: int) -> float:
-    """Analytic model FLOPs of one step (the trainer's count; XLA's cost_analysis counts a scan body
-    once, not once per segment, so it cannot be used here)."""
-    from eijax.train.flops import model_flops_per_token
-
-    return model_flops_per_token(model.config, model.memory_config) * n_tokens
+def measure(step, trainable, frozen, batches, repeats: int) -> tuple[float, list[float]]:
+    """(seconds for one pass over the batches, best of `repeats` per batch; losses)."""
+    total, losses = 0.0, []
+    for b in batches:
+        b = {k: jnp.asarray(v) for k, v in b.items()}
+        jax.block_until_ready(step(trainable, frozen, b))  # compile + warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            loss, _ = jax.block_until_ready(step(trainable, frozen, b))
+            best = min(best, time.perf_counter() - t)
+        total += best
+        losses.append(float(loss))
+    return total, losses
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--segments", default="1,2,4,8")
-    p.add_argument("--remat", default="none,segment")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batches", type=int, default=4, help="batches from the default data stream")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per batch (best is kept)")
+    p.add_argument("--skip-before", action="store_true", help="time only the current step")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides (as for train.py)")
     a = p.parse_args()
+    warn_if_busy()
+    from eijax.data.pipeline import make_iterator
+    from eijax.train.loop import build_model, data_config, load_tokenizer_for
+
+    config = load_config(None, a.overrides)
+    mem = config.memory
+    model = build_model(config)
+    it = make_iterator(data_config(config), load_tokenizer_for(config))
+    raw = [next(it) for _ in range(a.batches)]
+    real = sum(int(r["valid"].sum()) for r in raw)
+    after = [prepare_batch(r, mem.sink, mem.window) for r in raw]
+    needed = sum(step_flops(model.config, mem, b["tokens"].shape[1] * b["tokens"].shape[0],
+                            int(b["loss_weight"].sum())) for b in after)
     peak = matmul_peak_flops()
-    print(f"SmolLM2 width, {a.layers} layers, sink {a.sink}, window {a.window}; batch 1; gate-only grads")
-    print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'remat':>8} {'segments':>8} {'step s':>8} {'temp MB':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'of peak':>8}")
-    res = {}
-    for remat in a.remat.split(","):
-        mem = MemoryConfig(sink=a.sink, window=a.window, remat=remat)
-        model = smollm2_shaped(mem, a.layers)
-        step, trainable, frozen = gate_step(model)
-        for n in [int(x) for x in a.segments.split(",")]:
-            batch = make_batch(mem, n, model.config.vocab_size)
-            compiled = step.lower(trainable, frozen, batch).compile()
-            temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-            secs, (loss, _) = timed(compiled, trainable, frozen, batch, repeats=a.repeats)
-            flops = model_flops(model, int(batch['tokens'].size))
-            res[(remat, n)] = (secs, temp, flops)
-            print(f"{remat:>8} {n:>8} {secs:>8.3f} {temp:>8.1f} {flops / 1e9:>8.1f} {flops / secs / 1e9:>8.1f} "
-                  f"{flops / secs / peak:>8.2f}", flush=True)
-    print("\nratios vs the 1st segment count (time should grow ~linearly; memory flat with remat):")
-    for remat in a.remat.split(","):
-        ns = sorted(n for r, n in res if r == remat)
-        t0, m0, _ = res[(remat, ns[0])]
-        print(f"  remat={remat:8s} " + "  ".join(
-            f"n={n}: time x{res[(remat, n)][0] / t0:.2f} mem x{res[(remat, n)][1] / m0:.2f}" for n in ns))
+    chunk = config.optim.loss_chunk or mem.window
+    print(f"{config.model_name}, sink {mem.sink}, window {mem.window}, batch {config.data.batch_size}, "
+          f"{a.batches} batches: {real} real tokens, slots {sum(r['tokens'].size for r in raw)} (before) / "
+          f"{sum(b['tokens'].size for b in after)} (after); trainable {list(config.optim.trainable)}")
+    print(f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s; FLOPs a pass needs {needed / 1e9:.1f} G; "
+          f"remat auto -> {mem.resolved_remat()!r} on {jax.default_backend()}")
+    rows = {}
+    variants = ([] if a.skip_before else [("before", dataclasses.replace(mem, remat="segment"), [before_batch(r) for r in raw], False)]) \
+        + [("after", mem, after, True)]
+    for name, m, batches, skip_frozen in variants:
+        from eijax.model import with_memory_config
+
+        step, trainable, frozen = grad_step(with_memory_config(model, m), config.optim.trainable, chunk, skip_frozen)
+        secs, losses = measure(step, trainable, frozen, batches, a.repeats)
+        rows[name] = (secs, losses)
+        print(f"{name:>7}: {secs:7.2f} s per pass, {real / secs:7.1f} real tokens/s, "
+              f"{needed / secs / 1e9:6.1f} GFLOP/s = {needed / secs / peak:.2f} of peak; losses "
+              + " ".join(f"{x:.4f}" for x in losses), flush=True)
+    if "before" in rows:
+        (t0, l0), (t1, l1) = rows["before"], rows["after"]
+        print(f"speed-up after/before: x{t0 / t1:.2f} (same losses: {np.allclose(l0, l1, rtol=1e-4, atol=1e-5)})")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import smollm2_shaped, timed
+from benchmarks.common import smollm2_shaped, timed, warn_if_busy
 from benchmarks.ssft_step import gate_step, make_batch
 from eijax.config import MemoryConfig
 
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--segments", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
+    warn_if_busy()
     import torch
 
     from convert.weights import to_torch

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.common import peak_rss_mb, rss_mb, run_child, smollm2_shaped
+from benchmarks.common import peak_rss_mb, rss_mb, run_child, smollm2_shaped, warn_if_busy
 
 MODULE = "benchmarks.ttft_memory"
 
@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args()
+    warn_if_busy()
     if a.child:
         return child(a)
     print(f"SmolLM2 width, {a.layers} layers, sink {a.sink} window {a.window}; random weights; one process per cell")

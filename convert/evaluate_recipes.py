@@ -11,13 +11,14 @@ are compared with the float graph's on the same tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from eijax import cli
 
 from convert.litert_runtime import LiteRTModel, Streamer
 
@@ -75,8 +76,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m convert.evaluate_recipes", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m convert.evaluate_recipes", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", required=True, help="folder with <scenario>_<recipe>.tflite from convert.to_litert")
     p.add_argument("--scenario", required=True)
     p.add_argument("--text-tokens", type=int, default=0, help="teacher-forced text length (default: cache + 64)")
@@ -88,9 +90,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from eijax.data.synthetic import filler_sentences, passkey_sample
     from eijax.tokenizer import load_tokenizer
 
+    if not Path(a.dir).is_dir():
+        raise cli.MissingInput(f"--dir {a.dir!r}: no such folder")
     paths = {f.stem[len(a.scenario) + 1:]: f for f in sorted(Path(a.dir).glob(f"{a.scenario}_*.tflite"))}
     if "float32" not in paths:
-        raise SystemExit(f"error: no {a.scenario}_float32.tflite in {a.dir}")
+        raise cli.MissingInput(f"no {a.scenario}_float32.tflite in {a.dir} (write it with python -m convert.to_litert)")
+    if not paths["float32"].with_suffix(".json").is_file():
+        raise cli.MissingInput(f"{paths['float32'].with_suffix('.json')} is missing (convert.to_litert writes it "
+                               "beside the .tflite)")
     meta = json.loads(paths["float32"].with_suffix(".json").read_text())
     tok = load_tokenizer(meta["tokenizer"])
     cache = meta["sink"] + meta["window"]

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from eijax.cli import InputError
 from eijax.schedule import Chunk, plan_chunks
 
 META_SUFFIX = ".json"  # scenario + model facts written next to each .tflite by convert.to_litert
@@ -59,13 +60,17 @@ class LiteRTModel:
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
-        self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+        try:
+            self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+        except ValueError as e:  # "not a valid Flatbuffer buffer", "Could not open ..."
+            raise InputError(f"{self.path} cannot be loaded as a LiteRT model ({e})") from e
         signatures = self.interpreter.get_signature_list()
         self.runners = {name: SignatureCall(self.interpreter, name) for name in signatures}
         self.chunks = tuple(sorted((int(m.group(1)) for n in signatures if (m := re.fullmatch(r"prefill_(\d+)", n))),
                                    reverse=True))
         if "decode" not in signatures or "compress" not in signatures or not self.chunks:
-            raise ValueError(f"{self.path} lacks prefill_T/decode/compress signatures: {sorted(signatures)}")
+            raise InputError(f"{self.path} lacks prefill_T/decode/compress signatures: {sorted(signatures)}; "
+                             "is it a convert.to_litert graph?")
         self.state_specs = self.runners["compress"].get_input_details()  # {state name: shape, dtype, ...}
         meta_path = self.path.with_suffix(META_SUFFIX)
         self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

@@ -2,7 +2,8 @@
 
     base model     a registered name ("smollm2"), an HF folder or a .gguf file: gate at its initial value
     export folder  written by `python -m convert.to_torch` (HF folder + edgeinfinite.json + gate file)
-    training run   an eijax training checkpoint (orbax; its metadata names the base checkpoint)
+    trained        a packaged memory name ("smollm2-memory"), a memory file or a training run
+                   (eijax.trained; each names its base checkpoint)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from eijax.config import MemoryConfig
 from eijax.model import EdgeInfiniteLM
-from eijax.train.checkpointing import load_trained, read_training_meta, trained_memory, training_checkpoint_dir
+from eijax.trained import is_trained_source, load_trained, trained_base, trained_memory
 
 EXPORT_META = "edgeinfinite.json"
 GATE_FILE = "edgeinfinite_gate.safetensors"
@@ -35,8 +36,8 @@ def load_model(checkpoint: str | Path, memory: MemoryConfig | None = None) -> Ed
         model = load_pretrained(path, export_memory_config(path, memory))
         _load_gate_file(model, path / GATE_FILE)
         return model
-    if training_checkpoint_dir(path) is not None:
-        return load_trained(path, memory)
+    if is_trained_source(checkpoint):
+        return load_trained(checkpoint, memory)
     return load_pretrained(checkpoint, memory or MemoryConfig())
 
 
@@ -73,7 +74,6 @@ def tokenizer_source(checkpoint: str | Path) -> str | None:
     path = Path(checkpoint).expanduser()
     if is_export_folder(path):
         return str(path)
-    ckpt_dir = training_checkpoint_dir(path)
-    if ckpt_dir is not None:
-        return read_training_meta(ckpt_dir).get("base_checkpoint")
+    if is_trained_source(checkpoint):
+        return trained_base(checkpoint)
     return str(checkpoint)

@@ -10,13 +10,14 @@ generator (same sink/window/memory) and checks that the greedy tokens are equal.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Sequence
 
 import numpy as np
+
+from eijax import cli
 
 from convert.litert_runtime import LiteRTModel, Streamer
 
@@ -67,8 +68,9 @@ def eijax_tokens(checkpoint: str, meta: dict, prompt: list[int], question: list[
     return list(out.tokens)
 
 
+@cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m convert.run_litert", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m convert.run_litert", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help=".tflite written by convert.to_litert (its .json beside it)")
     p.add_argument("--prompt", help="user message (the question in document mode)")
     p.add_argument("--document", help="text file: document + question, question-last as in S-SFT")
@@ -81,25 +83,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--compare-eijax", metavar="CHECKPOINT", help="also generate with eijax and compare greedy tokens")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
+    if not (a.prompt or a.synthetic_length):
+        raise cli.InputError("give --prompt or --synthetic-length")
+    document = cli.existing_file(a.document, "--document").read_text(encoding="utf-8") if a.document else ""
 
     from eijax.generate import prompt_parts, stop_ids
     from eijax.tokenizer import load_tokenizer
 
-    model = LiteRTModel(a.model, num_threads=a.threads)
+    model = LiteRTModel(cli.existing_file(a.model, "--model"), num_threads=a.threads)
     source = a.tokenizer or model.meta.get("tokenizer")
     if not source:
-        raise SystemExit("error: no tokenizer: pass --tokenizer")
+        raise cli.InputError(f"{model.path} records no tokenizer (no {model.path.with_suffix('.json').name}?): "
+                             "pass --tokenizer")
     tok = load_tokenizer(source)
     if a.synthetic_length:
         from eijax.data.synthetic import passkey_sample
 
         sample = passkey_sample(0, seed=0, tokenizer=tok, context_tokens=a.synthetic_length)
         document, question_text = sample["context"], sample["instruction"]
-    elif a.prompt:
-        document = open(a.document, encoding="utf-8").read() if a.document else ""
-        question_text = a.prompt
     else:
-        raise SystemExit("error: give --prompt or --synthetic-length")
+        question_text = a.prompt
     if a.raw:
         prompt, question = tok.encode(document, add_special_tokens=False), tok.encode(question_text, add_special_tokens=False)
     else:

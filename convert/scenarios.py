@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from eijax.cli import InputError, yaml_problem
 from eijax.config import MemoryConfig
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "configs" / "scenarios"
@@ -26,22 +27,22 @@ class Scenario:
     memory: bool = True
     description: str = ""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # InputError: a scenario usually comes from the user's YAML
         if self.sink < 0 or self.window < 1:
-            raise ValueError(f"scenario {self.name!r}: need sink >= 0 and window >= 1, got {self.sink}, {self.window}")
+            raise InputError(f"scenario {self.name!r}: need sink >= 0 and window >= 1, got {self.sink}, {self.window}")
         if not self.prefill_chunks:
-            raise ValueError(f"scenario {self.name!r}: prefill_chunks is empty")
+            raise InputError(f"scenario {self.name!r}: prefill_chunks is empty")
         for t in self.prefill_chunks:
             if not isinstance(t, int) or t < 1:
-                raise ValueError(f"scenario {self.name!r}: prefill chunk {t!r} is not a positive integer")
+                raise InputError(f"scenario {self.name!r}: prefill chunk {t!r} is not a positive integer")
             if t > self.window:
                 # After a compress only the window is free, so a bigger chunk could never run there.
-                raise ValueError(f"scenario {self.name!r}: prefill chunk {t} is larger than the window "
+                raise InputError(f"scenario {self.name!r}: prefill chunk {t} is larger than the window "
                                  f"({self.window}); chunks must fit in the window")
         if len(set(self.prefill_chunks)) != len(self.prefill_chunks):
-            raise ValueError(f"scenario {self.name!r}: repeated prefill chunk sizes {self.prefill_chunks}")
+            raise InputError(f"scenario {self.name!r}: repeated prefill chunk sizes {self.prefill_chunks}")
         if self.decode_batch < 1:
-            raise ValueError(f"scenario {self.name!r}: decode_batch must be >= 1")
+            raise InputError(f"scenario {self.name!r}: decode_batch must be >= 1")
 
     @property
     def cache_size(self) -> int:
@@ -62,22 +63,46 @@ def available() -> list[str]:
 
 
 def load_scenario(name_or_path: str | Path) -> Scenario:
-    """A scenario by name (configs/scenarios/<name>.yaml) or by the path of a YAML file."""
+    """A scenario by name (configs/scenarios/<name>.yaml) or by the path of a YAML file.
+    Every mistake in the file (YAML syntax, unknown or missing keys, wrong types) is an InputError
+    naming the file and the key."""
     import yaml
 
     path = Path(name_or_path)
     if not path.is_file():
         path = SCENARIO_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown scenario {str(name_or_path)!r}: no file {path}; "
+        raise InputError(f"unknown scenario {str(name_or_path)!r}: no file {path}; "
                          f"known scenarios: {', '.join(available()) or '(none)'}, or pass a YAML path")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"scenario {path} is not valid YAML ({yaml_problem(e)})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise InputError(f"scenario {path} must be a mapping of keys ({', '.join(sorted(_KEYS))}), "
+                         f"got {type(data).__name__}")
     unknown = set(data) - _KEYS
     if unknown:
-        raise ValueError(f"scenario {path}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+        raise InputError(f"scenario {path}: unknown keys {sorted(map(str, unknown))}; allowed: {sorted(_KEYS)}")
     missing = {"sink", "window", "prefill_chunks"} - set(data)
     if missing:
-        raise ValueError(f"scenario {path}: missing keys {sorted(missing)}")
-    return Scenario(name=str(data.get("name", path.stem)), sink=int(data["sink"]), window=int(data["window"]),
-                    prefill_chunks=tuple(data["prefill_chunks"]), decode_batch=int(data.get("decode_batch", 1)),
-                    memory=bool(data.get("memory", True)), description=str(data.get("description", "")))
+        raise InputError(f"scenario {path}: missing keys {sorted(missing)}")
+
+    def integer(key: str, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"scenario {path}: {key} must be an integer, got {value!r}")
+        return value
+
+    chunks = data["prefill_chunks"]
+    if not isinstance(chunks, list):
+        raise InputError(f"scenario {path}: prefill_chunks must be a list of chunk sizes such as [128, 16], "
+                         f"got {chunks!r}")
+    memory = data.get("memory", True)
+    if not isinstance(memory, bool):
+        raise InputError(f"scenario {path}: memory must be true or false, got {memory!r}")
+    return Scenario(name=str(data.get("name", path.stem)), sink=integer("sink", data["sink"]),
+                    window=integer("window", data["window"]),
+                    prefill_chunks=tuple(integer("prefill_chunks entry", t) for t in chunks),
+                    decode_batch=integer("decode_batch", data.get("decode_batch", 1)),
+                    memory=memory, description=str(data.get("description", "")))

@@ -12,7 +12,6 @@ ai-edge-quantizer from a rule list in convert/recipes/<name>.json (or any JSON p
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import resource
@@ -24,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from eijax import cli
 from eijax.model import EdgeInfiniteLM
 
 from convert.budget import budget
@@ -43,11 +43,14 @@ def load_recipe(name_or_path: str) -> tuple[str, list[dict]]:
     if not path.is_file():
         path = RECIPE_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        raise ValueError(f"unknown quantisation recipe {name_or_path!r}; known: {', '.join(available_recipes())}, "
-                         "or a path to an ai-edge-quantizer JSON rule list")
-    rules = json.loads(path.read_text())
+        raise cli.InputError(f"unknown quantisation recipe {name_or_path!r}; known: {', '.join(available_recipes())}, "
+                             "or a path to an ai-edge-quantizer JSON rule list")
+    try:
+        rules = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise cli.InputError(f"recipe {path} is not valid JSON ({e})") from None
     if not isinstance(rules, list):
-        raise ValueError(f"recipe {path} must be a JSON list of quantizer rules")
+        raise cli.InputError(f"recipe {path} must be a JSON list of quantizer rules")
     return path.stem, rules
 
 
@@ -224,8 +227,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m convert.to_litert", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m convert.to_litert", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="base model (name, HF folder, .gguf), convert.to_torch folder, or eijax training checkpoint")
     p.add_argument("--scenario", required=True, help="name in configs/scenarios or a YAML path")
@@ -236,11 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reuse-float", action="store_true", help="quantise an existing <scenario>_float32.tflite in --out")
     a = p.parse_args(argv)
     recipes = available_recipes() if a.quant == ["all"] else a.quant
-    try:
-        convert(a.checkpoint, a.scenario, recipes, a.out, calibration_length=a.calibration_length, reuse_float=a.reuse_float,
-                log=lambda s: print(s, file=sys.stderr, flush=True))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+    convert(a.checkpoint, a.scenario, recipes, a.out, calibration_length=a.calibration_length, reuse_float=a.reuse_float,
+            log=lambda s: print(s, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ load_model(folder)` goes back to eijax. Both directions are exact (float32).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -24,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from eijax import cli
 from eijax.config import MemoryConfig, model_config_from_hf
 from eijax.model import EdgeInfiniteLM
 
@@ -39,7 +39,7 @@ def hf_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
 
     from eijax.pretrained import hf_tensor_names
 
-    block_names, top_names = hf_tensor_names()
+    block_names, top_names = hf_tensor_names(model.config.family)
     out: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path = tuple(str(p) for p in path)
@@ -123,8 +123,9 @@ def _twin_name(path: tuple[str, ...], layer: int | None) -> str:
     return torch_name(path, layer, gate_kind="linear")[0]  # base params: kernel -> weight everywhere
 
 
+@cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m convert.to_torch", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m convert.to_torch", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="base model (name, HF folder, .gguf), export folder, or eijax training checkpoint dir")
     p.add_argument("--out", required=True, help="output folder")

@@ -285,6 +285,12 @@ class EdgeInfiniteTorch(nn.Module):
 
     def __init__(self, config: ModelConfig, memory: MemoryConfig, cache_write: str = "onehot"):
         super().__init__()
+        if config.gemma:
+            from eijax.cli import InputError
+
+            raise InputError("the gemma3 family has no PyTorch twin yet (convert/: Gemma's norms and its "
+                             "sliding-window layers with their own window are not re-authored); "
+                             "convert.to_torch / convert.to_litert support llama, qwen2 and qwen3")
         self.config, self.memory_config = config, memory
         self.cache_write = cache_write
         self.embed = nn.Parameter(torch.zeros(config.vocab_size, config.d_model))

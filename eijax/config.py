@@ -1,6 +1,6 @@
 """Model and memory configuration: plain frozen dataclasses, validated on construction.
 
-`ModelConfig` describes the frozen base decoder (Llama / Qwen2 / Qwen3 families);
+`ModelConfig` describes the frozen base decoder (Llama / Qwen2 / Qwen3 / Gemma 3 families);
 `MemoryConfig` describes the EdgeInfinite additions (sink, window, memory rule, gate).
 `model_config_from_hf` turns a Hugging Face `config.json` dict into a `ModelConfig`.
 """
@@ -12,14 +12,20 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-Family = Literal["llama", "qwen2", "qwen3"]
+Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
 GateType = Literal["linear", "head_linear", "scalar"]
 MemoryRule = Literal["linear", "delta"]
-RematPolicy = Literal["none", "segment", "layer", "both"]
+RematPolicy = Literal["auto", "none", "segment", "layer", "both"]
 
-# model_type -> the transformers class of a checkpoint (the one table of supported families)
-HF_ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# family -> the transformers class of a checkpoint (the one table of supported families). The family
+# is the config's model_type, except where HF_MODEL_TYPE names another (and the GGUF architecture).
+HF_ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                         "gemma3": "Gemma3ForCausalLM"}
 SUPPORTED_FAMILIES = tuple(HF_ARCHITECTURE_CLASS)
+# family -> Hugging Face model_type where they differ: Gemma3ForCausalLM's config is "gemma3_text"
+# ("gemma3" is the multimodal Gemma3ForConditionalGeneration, whose text model sits in text_config).
+HF_MODEL_TYPE = {"gemma3": "gemma3_text"}
+_FAMILY_OF_MODEL_TYPE = {**{f: f for f in SUPPORTED_FAMILIES}, **{HF_MODEL_TYPE.get(f, f): f for f in SUPPORTED_FAMILIES}}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
@@ -59,17 +65,45 @@ class ModelConfig:
     max_position: int = 8192
     param_dtype: str = "float32"
     dtype: str = "float32"   # compute dtype; memory state is float32 regardless
+    # Gemma 3 only (see README "Gemma 3"): sliding-window (local) layers interleaved with global ones.
+    local_layers: tuple[bool, ...] = ()   # per layer, True = local; () = every layer global
+    sliding_window: int = 0               # a local layer's query sees the last `sliding_window` tokens
+    local_rope: RopeConfig | None = None  # the local layers' RoPE (rope_local_base_freq)
+    query_pre_attn_scalar: float = 0.0    # scores scaled by this ** -0.5; 0 = head_dim (every other family)
+    attn_softcap: float = 0.0             # tanh soft-capping of attention scores; 0 = none
+    final_softcap: float = 0.0            # tanh soft-capping of the logits; 0 = none
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
             raise ValueError(f"unsupported family {self.family!r}; supported: {SUPPORTED_FAMILIES}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.local_layers:
+            if len(self.local_layers) != self.n_layers:
+                raise ValueError(f"local_layers has {len(self.local_layers)} entries for {self.n_layers} layers")
+            if self.sliding_window < 1:
+                raise ValueError(f"local layers need sliding_window >= 1, got {self.sliding_window}")
         to_dtype(self.param_dtype), to_dtype(self.dtype)
 
     @property
     def group_size(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's layer: (1 + w) RMSNorm, norms after attention and MLP too, GeGLU (tanh), embeddings
+        scaled by sqrt(d_model)."""
+        return self.family == "gemma3"
+
+    @property
+    def has_local_layers(self) -> bool:
+        return any(self.local_layers)
+
+    @property
+    def local_history(self) -> int:
+        """Tokens a local layer keeps from before the current window (its query sees itself and
+        sliding_window - 1 earlier tokens); 0 without local layers."""
+        return self.sliding_window - 1 if self.has_local_layers else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +121,9 @@ class MemoryConfig:
     # writes, identity-initialised. They act on cached pre-RoPE k/v (no extra cache) and never touch
     # the local path, so short inputs stay exactly the base model.
     adapter: bool = False
-    remat: RematPolicy = "segment"
+    # "auto": no remat on CPU (memory is plentiful there and a third of the step's FLOPs would go to
+    # recomputing the forward), "segment" on accelerators, where HBM bounds the sequence length.
+    remat: RematPolicy = "auto"
     stop_gradient_every: int = 0  # >0: cut backprop through memory every k segments
 
     def __post_init__(self) -> None:
@@ -99,12 +135,20 @@ class MemoryConfig:
             raise ValueError(f"unknown gate {self.gate!r}; choose 'linear', 'head_linear' or 'scalar'")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
-        if self.remat not in ("none", "segment", "layer", "both"):
-            raise ValueError(f"unknown remat policy {self.remat!r}")
+        if self.remat not in ("auto", "none", "segment", "layer", "both"):
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose auto, none, segment, layer or both")
 
     @property
     def cache_size(self) -> int:
         return self.sink + self.window
+
+    def resolved_remat(self) -> str:
+        """The remat policy in force: "auto" resolved for the default JAX backend (see `remat`)."""
+        if self.remat != "auto":
+            return self.remat
+        import jax
+
+        return "none" if jax.default_backend() == "cpu" else "segment"
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
@@ -126,14 +170,59 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
+def _gemma3_fields(hf: dict[str, Any], n_layers: int, head_dim: int) -> dict[str, Any]:
+    """The Gemma 3 entries of ModelConfig, read as transformers' Gemma3TextConfig reads them."""
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 with use_bidirectional_attention=True (an encoder) is not supported")
+    if hf.get("hidden_activation", hf.get("hidden_act", "gelu_pytorch_tanh")) != "gelu_pytorch_tanh":
+        raise ValueError(f"Gemma 3 activation {hf.get('hidden_activation')!r} is not supported (gelu_pytorch_tanh is)")
+    if hf.get("attention_bias"):
+        raise ValueError("Gemma 3 with attention_bias=True is not supported")
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown or len(layer_types) != n_layers:
+        raise ValueError(f"Gemma 3 layer_types must name {n_layers} layers, each sliding_attention or "
+                         f"full_attention; got {layer_types}")
+    # transformers >= 5 keeps one RoPE dict per layer type; older configs: rope_theta, rope_scaling
+    # (global layers) and rope_local_base_freq (local layers, never scaled).
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        global_rope = _rope_from_hf({"rope_parameters": params.get("full_attention") or {"rope_theta": 1e6}})
+        local_rope = _rope_from_hf({"rope_parameters": params.get("sliding_attention") or {"rope_theta": 1e4}})
+    else:
+        global_rope = _rope_from_hf({"rope_theta": 1e6, **hf})
+        local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 1e4)))
+    return dict(
+        rope=global_rope,
+        local_rope=local_rope,
+        local_layers=tuple(t == "sliding_attention" for t in layer_types),
+        sliding_window=int(hf.get("sliding_window") or 4096),
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or head_dim),
+        # transformers' Gemma3Attention keeps attn_logit_softcapping in its config but never passes it
+        # to the attention function (5.24; every released Gemma 3 sets it to null): follow it, so
+        # logits equal Gemma3ForCausalLM's. ModelConfig.attn_softcap itself works (Gemma 2 style).
+        attn_softcap=0.0,
+        final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qk_norm=True,
+    )
+
+
 def model_config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32") -> ModelConfig:
-    """Build a ModelConfig from a Hugging Face config dict (llama, qwen2 or qwen3)."""
-    family = hf.get("model_type")
-    if family not in SUPPORTED_FAMILIES:
+    """Build a ModelConfig from a Hugging Face config dict (llama, qwen2, qwen3 or gemma3_text)."""
+    model_type = hf.get("model_type")
+    family = _FAMILY_OF_MODEL_TYPE.get(model_type)
+    if model_type == "gemma3" and "text_config" in hf:
+        raise ValueError("multimodal Gemma 3 checkpoints (Gemma3ForConditionalGeneration, model_type 'gemma3') "
+                         "are not supported; eijax reads text-only Gemma3ForCausalLM ('gemma3_text') checkpoints")
+    if family is None:
         archs = hf.get("architectures")
         raise ValueError(
-            f"unsupported architecture: model_type={family!r} architectures={archs}; "
-            f"eijax supports model_type in {SUPPORTED_FAMILIES}"
+            f"unsupported architecture: model_type={model_type!r} architectures={archs}; "
+            f"eijax supports model_type in {tuple(HF_MODEL_TYPE.get(f, f) for f in SUPPORTED_FAMILIES)}"
         )
     if hf.get("mlp_bias"):
         raise ValueError("mlp_bias=True is not supported")
@@ -143,22 +232,23 @@ def model_config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32", dt
     d_model = hf["hidden_size"]
     head_dim = hf.get("head_dim") or d_model // n_heads
     attention_bias = bool(hf.get("attention_bias", False))
+    n_layers = hf["num_hidden_layers"]
+    family_fields = dict(rope=_rope_from_hf(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                         qk_norm=family == "qwen3") if family != "gemma3" else _gemma3_fields(hf, n_layers, head_dim)
     return ModelConfig(
         family=family,
         vocab_size=hf["vocab_size"],
         d_model=d_model,
-        n_layers=hf["num_hidden_layers"],
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=head_dim,
         d_ff=hf["intermediate_size"],
-        rope=_rope_from_hf(hf),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=family == "llama" and attention_bias,
-        qk_norm=family == "qwen3",
         max_position=int(hf.get("max_position_embeddings", 8192)),
         param_dtype=param_dtype,
         dtype=dtype,
+        **family_fields,
     )

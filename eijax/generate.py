@@ -21,7 +21,6 @@ CLI:  python -m eijax.generate --model smollm2 --prompt "..." [--document FILE] 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eijax import cli
 from eijax.config import MemoryConfig
 from eijax.data.layout import drop_middle as truncate_middle  # the S-SFT fitting rule: keep head and tail
 from eijax.model import EdgeInfiniteLM, State, with_memory_config
@@ -41,6 +41,7 @@ from eijax.schedule import Chunk, plan_chunks
 Method = Literal["edgeinfinite", "streaming", "full"]
 METHODS: tuple[str, ...] = ("edgeinfinite", "streaming", "full")
 DEFAULT_CHUNKS: tuple[int, ...] = (256, 64, 16, 1)
+DEFAULT_MODEL = "smollm2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,25 +286,39 @@ class Generator:
 
 
 # ------------------------------------------------------------------ model loading shared with eval
-def load_model(name_or_path: str, memory: MemoryConfig, checkpoint: str | None = None) -> EdgeInfiniteLM:
+def load_model(name_or_path: str | None, memory: MemoryConfig, checkpoint: str | None = None) -> EdgeInfiniteLM:
     """A base model (HF folder, GGUF or registered name; gate at its initial value), or, with
-    `checkpoint`, the base named in that training run with its trained parameters (the run's gate
-    type, adapter and memory rule are kept; sink/window come from `memory`)."""
+    `checkpoint`, that training run's trained parameters on `name_or_path` (None: the base named in
+    the run), failing with CheckpointMismatch when the run was trained for another architecture
+    (the run's gate type, adapter and memory rule are kept; sink/window come from `memory`)."""
     if checkpoint:
-        from eijax.train.checkpointing import load_trained
+        from eijax.trained import load_trained
 
-        return load_trained(checkpoint, memory)
+        return load_trained(checkpoint, memory, base=name_or_path)
     from eijax.pretrained import load_pretrained
 
-    return load_pretrained(name_or_path, memory)
+    return load_pretrained(name_or_path or DEFAULT_MODEL, memory)
+
+
+def base_model_source(model: str | None, checkpoint: str | None) -> str:
+    """What `--model` means for the CLIs: the option if given, else the base model of the
+    `--checkpoint` training run, else DEFAULT_MODEL."""
+    if model:
+        return model
+    if not checkpoint:
+        return DEFAULT_MODEL
+    from eijax.trained import trained_base
+
+    return trained_base(checkpoint)
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """End-of-sequence and end-of-turn (<|im_end|>, when the vocabulary has it) ids of a tokenizer."""
+    """End-of-sequence and end-of-turn (<|im_end|>, Gemma's <end_of_turn>, when the vocabulary has
+    them) ids of a tokenizer."""
     ids = {tokenizer.eos_token_id}
     convert = getattr(tokenizer, "convert_tokens_to_ids", None)
     if convert is not None:
-        ids.add(convert("<|im_end|>"))
+        ids.update(convert(t) for t in ("<|im_end|>", "<end_of_turn>"))
     unk = getattr(tokenizer, "unk_token_id", None)
     return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
@@ -317,10 +332,12 @@ def prompt_parts(tokenizer, question: str, document: str = "") -> tuple[list[int
     return parts.ctx, parts.query
 
 
+@cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eijax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="registered name, HF folder or .gguf file")
-    p.add_argument("--checkpoint", help="eijax training checkpoint (trained gate)")
+    p = cli.ArgumentParser(prog="python -m eijax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help=f"registered name, HF folder or .gguf file (default: the --checkpoint run's "
+                                   f"base model, else {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", help="eijax training run (trained gate; must be for --model's architecture)")
     p.add_argument("--method", default="edgeinfinite", choices=METHODS)
     p.add_argument("--prompt", required=True, help="the user message (the question in document mode)")
     p.add_argument("--document", help="text file: document + question mode (question-last, as in S-SFT)")
@@ -332,16 +349,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    document = cli.existing_file(a.document, "--document").read_text(encoding="utf-8") if a.document else ""
 
     from eijax.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(a.model)
-    model = load_model(a.model, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    source = base_model_source(a.model, a.checkpoint)
+    tok = load_tokenizer(source)
+    model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
     gen = Generator(model, a.method)
-    document = ""
-    if a.document:
-        with open(a.document, encoding="utf-8") as f:
-            document = f.read()
     if a.raw:
         prompt, question = tok.encode(document, add_special_tokens=False), tok.encode(a.prompt, add_special_tokens=False)
     else:

@@ -3,11 +3,21 @@
 
 Every parameter carries logical axis names in its `axes` metadata; `eijax.sharding` maps them to a
 mesh with one rules table.
+
+Gemma 3 (`ModelConfig.gemma`) uses the same Block with its own pieces switched on: (1 + w) RMSNorm,
+norms after attention and after the MLP too, GeGLU with tanh GELU, scores scaled by
+query_pre_attn_scalar ** -0.5. Its sliding-window (local) layers take `Block.__call__`'s `local`
+argument: a per-layer flag (scanned with the parameters, so the layer scan still compiles once)
+selects, through `lax.cond`, either the global path (sink + window + memory, DESIGN §1) or the
+local path: plain softmax attention over the layer's own bounded window of pre-RoPE keys (the
+`local_history` tokens before the cache window, then the window itself), no memory read and no
+gate. See the README section "Gemma 3" for why.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +55,19 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, axis_name: str, *, lead: tuple[int, ...], lead_axes: tuple[str, ...], eps: float, param_dtype):
-        self.scale = _param(None, (*lead, dim), (*lead_axes, axis_name), param_dtype, "ones")
+    def __init__(self, dim: int, axis_name: str, *, lead: tuple[int, ...], lead_axes: tuple[str, ...], eps: float, param_dtype,
+                 offset: bool = False):
+        # offset (Gemma): the stored weight w scales by (1 + w), so it starts at 0 instead of 1.
+        self.scale = _param(None, (*lead, dim), (*lead_axes, axis_name), param_dtype, "zeros" if offset else "ones")
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Hugging Face order: normalise in float32, cast back, then scale.
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma's order: scale by (1 + w) in float32, then cast back
+            return (normed * (1.0 + self.scale[...].astype(x32.dtype))).astype(x.dtype)
+        # Hugging Face (Llama) order: normalise in float32, cast back, then scale.
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -62,9 +77,12 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
         self.up_proj = Linear(cfg.d_model, cfg.d_ff, ("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.d_ff, cfg.d_model, ("mlp", "embed"), **kw)
+        self.gelu = cfg.gemma  # GeGLU with tanh-approximate GELU (gelu_pytorch_tanh) instead of SwiGLU
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        g = jax.nn.gelu(g, approximate=True) if self.gelu else jax.nn.silu(g)
+        return self.down_proj(g * self.up_proj(x))
 
 
 class MemoryGate(nnx.Module):
@@ -116,18 +134,39 @@ def adapt(x: jax.Array, maps: jax.Array) -> jax.Array:
     return jnp.einsum("bthd,hde->bthe", x, maps.astype(x.dtype))
 
 
-def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with interleaved GQA. q [B,T,H,d]; k, v [B,C,Hkv,d]; mask [B,T,C] -> [B,T,H,d]."""
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
+                    softcap: float = 0.0) -> jax.Array:
+    """Softmax attention with interleaved GQA. q [B,T,H,d]; k, v [B,C,Hkv,d]; mask [B,T,C] -> [B,T,H,d].
+
+    Scores are divided by sqrt(d), or multiplied by `scale` when given (Gemma: query_pre_attn_scalar
+    ** -0.5), then soft-capped (cap * tanh(s / cap)) when `softcap` is set."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, d)
     f = jnp.promote_types(q.dtype, jnp.float32)
-    scores = jnp.einsum("btkgd,bckd->bkgtc", qg, k).astype(f) / math.sqrt(d)
+    scores = jnp.einsum("btkgd,bckd->bkgtc", qg, k).astype(f)
+    scores = scores / math.sqrt(d) if scale is None else scores * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
     # A finite floor (not -inf) keeps fully masked rows (all-padding queries) NaN-free.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(f).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+class LocalContext(NamedTuple):
+    """What a layer of a model with local (sliding-window) layers needs besides the cache: its kind,
+    and its own window of the `Hn` tokens before the cache window (positions sink - Hn .. sink - 1)."""
+
+    is_local: jax.Array   # scalar bool: this layer is a local (sliding-window) layer
+    k: jax.Array          # [B, Hn, Hkv, d] pre-RoPE keys of the Hn tokens before the window
+    v: jax.Array          # [B, Hn, Hkv, d]
+    valid: jax.Array      # [B, Hn]; any valid entry also means the sink no longer precedes the window
+    cos: jax.Array        # local RoPE table for positions `start` .. sink + window - 1
+    sin: jax.Array
+    start: int            # position of row 0 of the table (<= 0)
+    sink: int
 
 
 class Block(nnx.Module):
@@ -138,23 +177,33 @@ class Block(nnx.Module):
         pd = to_dtype(cfg.param_dtype)
         h, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kw = dict(lead=lead, lead_axes=lead_axes, param_dtype=pd, rngs=rngs)
-        self.attn_norm = RMSNorm(cfg.d_model, "embed", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+        nkw = dict(lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd, offset=cfg.gemma)
+        self.attn_norm = RMSNorm(cfg.d_model, "embed", **nkw)
         self.q_proj = Linear(cfg.d_model, h * d, ("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
         self.k_proj = Linear(cfg.d_model, hkv * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.v_proj = Linear(cfg.d_model, hkv * d, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o_proj = Linear(h * d, cfg.d_model, ("q_heads", "embed"), bias=cfg.o_bias, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, "head_dim", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
-            self.k_norm = RMSNorm(d, "head_dim", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+            self.q_norm = RMSNorm(d, "head_dim", **nkw)
+            self.k_norm = RMSNorm(d, "head_dim", **nkw)
         else:
             self.q_norm = self.k_norm = None
         self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
         self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
-        self.mlp_norm = RMSNorm(cfg.d_model, "embed", lead=lead, lead_axes=lead_axes, eps=cfg.norm_eps, param_dtype=pd)
+        self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)
         self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
+        if cfg.gemma:  # Gemma normalises the attention and MLP outputs too, before the residual add
+            self.post_attn_norm = RMSNorm(cfg.d_model, "embed", **nkw)
+            self.post_mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
         self.shape = (h, hkv, d)
         self.mem_eps = mem.eps
         self.use_memory = mem.enabled
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        self.softcap = cfg.attn_softcap
+        self.sliding_window = cfg.sliding_window
+        self.has_local = cfg.has_local_layers
 
     def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Pre-RoPE q [B,T,H,d], k, v [B,T,Hkv,d] (after q_norm/k_norm where the family has them)."""
@@ -168,11 +217,13 @@ class Block(nnx.Module):
         return q, k, v
 
     def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array, fill: jax.Array,
-                 memory: mem_lib.Memory, written: jax.Array, cos: jax.Array, sin: jax.Array):
+                 memory: mem_lib.Memory, written: jax.Array, cos: jax.Array, sin: jax.Array,
+                 local: LocalContext | None = None):
         """Process T new tokens written at cache slots fill..fill+T-1.
 
         k_cache, v_cache: [B, C, Hkv, d] pre-RoPE; valid: [B, C] slot validity *after* this write;
-        memory: this layer's (M, z); written: [B] whether memory holds anything.
+        memory: this layer's (M, z); written: [B] whether memory holds anything; local: only for
+        models with local layers (then `local.is_local` picks this layer's attention).
         Returns (x_out, k_cache, v_cache).
         """
         t = x.shape[1]
@@ -183,17 +234,54 @@ class Block(nnx.Module):
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
         q_pos = fill + jnp.arange(t, dtype=jnp.int32)
-        q_rot = apply_rope(q, jnp.take(cos, q_pos, axis=0), jnp.take(sin, q_pos, axis=0))
-        k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
-        mask = valid[:, None, :] & (jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= q_pos[None, :, None])
-        out = local_attention(q_rot, k_rot, v_cache, mask)
-        if self.use_memory:
-            q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
-            a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
-            g = self.gate(a_mem, out)
-            mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
-            out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
+
+        def global_attention():  # DESIGN §1.1: [sink ; window] softmax attention mixed with memory
+            q_rot = apply_rope(q, jnp.take(cos, q_pos, axis=0), jnp.take(sin, q_pos, axis=0))
+            k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
+            mask = valid[:, None, :] & (jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= q_pos[None, :, None])
+            out = local_attention(q_rot, k_rot, v_cache, mask, self.scale, self.softcap)
+            if self.use_memory:
+                q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
+                a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
+                g = self.gate(a_mem, out)
+                mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
+                out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
+            return out
+
+        if local is None:
+            if self.has_local:
+                raise ValueError("this model has local (sliding-window) layers: pass each layer its LocalContext")
+            out = global_attention()
+        else:
+            out = jax.lax.cond(local.is_local, lambda: self._sliding_attention(q, k_cache, v_cache, valid, q_pos, local),
+                               global_attention)
         b, _, h, d = out.shape
-        x = x + self.o_proj(out.reshape(b, t, h * d))
-        x = x + self.mlp(self.mlp_norm(x))
+        attn = self.o_proj(out.reshape(b, t, h * d))
+        if self.post_attn_norm is not None:
+            attn = self.post_attn_norm(attn)
+        x = x + attn
+        mlp = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            mlp = self.post_mlp_norm(mlp)
+        x = x + mlp
         return x, k_cache, v_cache
+
+    def _sliding_attention(self, q, k_cache, v_cache, valid, q_pos, local: LocalContext) -> jax.Array:
+        """A local layer: softmax attention over the last `sliding_window` tokens of the stream, with
+        their true distances. Keys: the layer's history (the Hn tokens before the window, at
+        positions sink - Hn .. sink - 1), then the cache slots; the sink slots only while nothing
+        has been compressed (then they directly precede the window in the stream). No memory, no
+        gate: this is the base model's own sliding-window attention at any input length."""
+        s, n_slots, hn = local.sink, k_cache.shape[1], local.k.shape[1]
+        keys = jnp.concatenate([local.k.astype(k_cache.dtype), k_cache], axis=1)
+        values = jnp.concatenate([local.v.astype(v_cache.dtype), v_cache], axis=1)
+        k_pos = np.concatenate([np.arange(s - hn, s), np.arange(n_slots)]).astype(np.int32)
+        detached = jnp.any(local.valid, axis=1)  # the window no longer follows the sink
+        sink_visible = jnp.asarray(np.arange(n_slots) >= s)[None, :] | ~detached[:, None]
+        k_valid = jnp.concatenate([local.valid, valid & sink_visible], axis=1)
+        dist = q_pos[:, None] - jnp.asarray(k_pos)[None, :]
+        mask = k_valid[:, None, :] & ((dist >= 0) & (dist < self.sliding_window))[None]
+        q_idx = q_pos - local.start
+        q_rot = apply_rope(q, jnp.take(local.cos, q_idx, axis=0), jnp.take(local.sin, q_idx, axis=0))
+        k_rot = apply_rope(keys, local.cos[k_pos - local.start], local.sin[k_pos - local.start])
+        return local_attention(q_rot, k_rot, values, mask, self.scale, self.softcap)

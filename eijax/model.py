@@ -9,10 +9,19 @@ The cache has `sink + window` slots and slot i always sits at RoPE position i:
     forward(tokens)         sink + segments laid out flat [B, S + n*L]: jax.lax.scan over segments
 
 Short inputs (<= sink + window tokens) never reach compress, so the model is the base model.
+
+Models with sliding-window (local) layers (Gemma 3) put memory in the global layers only. Each
+local layer keeps its own bounded window instead: State.local_k/local_v hold its pre-RoPE keys and
+values of the `sliding_window - 1` tokens before the cache window, rolled forward by `compress`,
+so a local layer attends to exactly the tokens the base model's would, at their true distances,
+at any length; its memory stays empty and its gate unused. The state stays fixed-size and a
+per-layer flag, scanned with the parameters, keeps one compiled layer body (README "Gemma 3").
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -21,7 +30,7 @@ from flax import nnx
 
 from eijax import memory as mem_lib
 from eijax.config import MemoryConfig, ModelConfig, to_dtype
-from eijax.layers import Block, Linear, RMSNorm, _param, adapt
+from eijax.layers import Block, Linear, LocalContext, RMSNorm, _param, adapt
 from eijax.rope import rope_table
 
 
@@ -34,6 +43,11 @@ class State(NamedTuple):
     fill: jax.Array       # int32 scalar: next free slot
     memory: mem_lib.Memory  # M [NL, B, Hkv, d, d], z [NL, B, Hkv, d], float32
     written: jax.Array    # [B] bool: memory holds at least one token (else the gate is bypassed)
+    # Models with local (sliding-window) layers only, else None: the Hn = sliding_window - 1 tokens
+    # of the stream just before the window (right-aligned), the local layers' own bounded window.
+    local_k: jax.Array | None = None      # [NL, B, Hn, Hkv, d] pre-RoPE (rows of global layers unused)
+    local_v: jax.Array | None = None      # [NL, B, Hn, Hkv, d]
+    local_valid: jax.Array | None = None  # [B, Hn] bool
 
 
 class EdgeInfiniteLM(nnx.Module):
@@ -43,7 +57,8 @@ class EdgeInfiniteLM(nnx.Module):
         pd = to_dtype(config.param_dtype)
         self.embed = _param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), pd, "normal")
         self.blocks = Block(config, memory, lead=(config.n_layers,), rngs=rngs)
-        self.final_norm = RMSNorm(config.d_model, "embed", lead=(), lead_axes=(), eps=config.norm_eps, param_dtype=pd)
+        self.final_norm = RMSNorm(config.d_model, "embed", lead=(), lead_axes=(), eps=config.norm_eps, param_dtype=pd,
+                                  offset=config.gemma)
         self.lm_head = None if config.tie_embeddings else Linear(
             config.d_model, config.vocab_size, ("embed", "vocab"), lead=(), lead_axes=(), bias=False,
             param_dtype=pd, rngs=rngs)
@@ -53,6 +68,12 @@ class EdgeInfiniteLM(nnx.Module):
         cfg, mem = self.config, self.memory_config
         shape = (cfg.n_layers, batch, mem.cache_size, cfg.n_kv_heads, cfg.head_dim)
         dtype = to_dtype(cfg.dtype)
+        local = {}
+        if cfg.has_local_layers:
+            hn = cfg.local_history
+            hist = (cfg.n_layers, batch, hn, cfg.n_kv_heads, cfg.head_dim)
+            local = dict(local_k=jnp.zeros(hist, dtype), local_v=jnp.zeros(hist, dtype),
+                         local_valid=jnp.zeros((batch, hn), bool))
         return State(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -60,20 +81,36 @@ class EdgeInfiniteLM(nnx.Module):
             fill=jnp.zeros((), jnp.int32),
             memory=mem_lib.empty_memory(batch, cfg.n_kv_heads, cfg.head_dim, lead=(cfg.n_layers,), dtype=dtype),
             written=jnp.zeros((batch,), bool),
+            **local,
         )
 
     # ---------------------------------------------------------------- pieces
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(to_dtype(self.config.dtype))
+        dtype = to_dtype(self.config.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        if self.config.gemma:  # scaled by sqrt(d_model), the scale rounded to the compute dtype as HF does
+            x = x * jnp.asarray(math.sqrt(self.config.d_model), dtype)
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden states -> float32 logits."""
+        """Final-normed hidden states -> float32 logits (soft-capped where the config says so)."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return (hidden @ w.astype(hidden.dtype)).astype(jnp.float32)
+        out = (hidden @ w.astype(hidden.dtype)).astype(jnp.float32)
+        if self.config.final_softcap:
+            out = jnp.tanh(out / self.config.final_softcap) * self.config.final_softcap
+        return out
 
     def _rope(self) -> tuple[jax.Array, jax.Array]:
         cos, sin = rope_table(self.config.rope, self.config.head_dim, self.memory_config.cache_size)
         return jnp.asarray(cos), jnp.asarray(sin)
+
+    def _local_rope(self) -> tuple[jax.Array, jax.Array, int]:
+        """The local layers' RoPE table from the oldest history position (sink - Hn, or 0) to the
+        last cache slot, and that first position."""
+        start = min(0, self.memory_config.sink - self.config.local_history)
+        n = self.memory_config.cache_size - start
+        cos, sin = rope_table(self.config.local_rope, self.config.head_dim, n, start=start)
+        return jnp.asarray(cos), jnp.asarray(sin), start
 
     # ---------------------------------------------------------------- steps
     def prefill_embedded(self, state: State, x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
@@ -91,15 +128,26 @@ class EdgeInfiniteLM(nnx.Module):
         slots_valid = jax.lax.dynamic_update_slice(state.valid, valid, (jnp.zeros((), jnp.int32), state.fill.astype(jnp.int32)))
         cos, sin = self._rope()
         graph, params = nnx.split(self.blocks)
+        xs = (params, state.k, state.v, state.memory.M, state.memory.z)
+        has_local = self.config.has_local_layers
+        if has_local:  # per-layer kind, scanned with the parameters: one compiled layer body
+            local_cos, local_sin, start = self._local_rope()
+            xs += (jnp.asarray(self.config.local_layers), state.local_k, state.local_v)
 
         def layer(h, xs):
-            p, k, v, m, z = xs
-            h, k, v = nnx.merge(graph, p)(h, k, v, slots_valid, state.fill, mem_lib.Memory(m, z), state.written, cos, sin)
+            p, k, v, m, z, *rest = xs
+            local = None
+            if has_local:
+                is_local, hk, hv = rest
+                local = LocalContext(is_local, hk, hv, state.local_valid, local_cos, local_sin, start,
+                                     self.memory_config.sink)
+            h, k, v = nnx.merge(graph, p)(h, k, v, slots_valid, state.fill, mem_lib.Memory(m, z), state.written, cos, sin,
+                                          local)
             return h, (k, v)
 
-        if self.memory_config.remat in ("layer", "both"):
+        if self.memory_config.resolved_remat() in ("layer", "both"):
             layer = jax.checkpoint(layer)
-        x, (k, v) = jax.lax.scan(layer, x, (params, state.k, state.v, state.memory.M, state.memory.z))
+        x, (k, v) = jax.lax.scan(layer, x, xs)
         n_new = jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32)
         return self.final_norm(x), state._replace(k=k, v=v, valid=slots_valid, fill=state.fill + n_new)
 
@@ -107,7 +155,8 @@ class EdgeInfiniteLM(nnx.Module):
         return self.prefill_embedded(state, self.embed_tokens(tokens), valid)
 
     def compress(self, state: State) -> State:
-        """Fold the window (slots sink..) into memory and empty it. With memory disabled it just drops it."""
+        """Fold the window (slots sink..) into memory and empty it. With memory disabled it just drops it.
+        Local layers (if any) roll their own window forward instead: see `_roll_local_history`."""
         mem = self.memory_config
         s = mem.sink
         window_valid = state.valid[:, s:]
@@ -120,33 +169,73 @@ class EdgeInfiniteLM(nnx.Module):
                 v = jax.vmap(adapt)(v, adapter.v[...])
             write = lambda m, z, k, v: mem_lib.write(mem_lib.Memory(m, z), k, v, window_valid, mem.rule, mem.eps)
             memory = jax.vmap(write)(memory.M, memory.z, k, v)
+            if self.config.has_local_layers:  # memory lives in the global layers only
+                is_global = ~jnp.asarray(self.config.local_layers)
+                memory = jax.tree.map(lambda new, old: jnp.where(is_global.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
+                                      memory, state.memory)
             written = written | window_valid.any(axis=1)
+        local = self._roll_local_history(state) if self.config.has_local_layers else {}
         return state._replace(valid=state.valid.at[:, s:].set(False), fill=jnp.minimum(state.fill, s),
-                              memory=memory, written=written)
+                              memory=memory, written=written, **local)
+
+    def _roll_local_history(self, state: State) -> dict[str, jax.Array]:
+        """The local layers' history after compress: per row, the last Hn valid tokens of
+        [history ; sink (until the first compress: then it directly precedes the window) ; window],
+        in stream order, right-aligned (slot Hn - 1 is the token just before the next window)."""
+        s, hn = self.memory_config.sink, self.config.local_history
+        detached = jnp.any(state.local_valid, axis=1)
+        all_valid = jnp.concatenate([state.local_valid, state.valid[:, :s] & ~detached[:, None], state.valid[:, s:]],
+                                    axis=1)                                          # [B, Hn + C]
+        count = jnp.cumsum(all_valid.astype(jnp.int32), axis=1)                      # valid entries so far
+        # history slot j takes the valid entry numbered total - Hn + 1 + j (the first index reaching it)
+        want = count[:, -1:] - hn + 1 + jnp.arange(hn, dtype=jnp.int32)[None, :]     # [B, Hn]
+        src = jax.vmap(lambda c, w: jnp.searchsorted(c, w, side="left"))(count, want)
+        src = jnp.minimum(src, all_valid.shape[1] - 1).astype(jnp.int32)
+        keep = want >= 1
+
+        def roll(hist, cache):  # [NL, B, Hn, Hkv, d], [NL, B, C, Hkv, d]
+            both = jnp.concatenate([hist, cache.astype(hist.dtype)], axis=2)
+            taken = jnp.take_along_axis(both, src[None, :, :, None, None], axis=2)
+            return jnp.where(keep[None, :, :, None, None], taken, jnp.zeros((), hist.dtype))
+
+        return dict(local_k=roll(state.local_k, state.k), local_v=roll(state.local_v, state.v), local_valid=keep)
 
     def step_segment(self, state: State, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
         """One segment of `window` tokens into the empty window, then compress. Returns hidden states."""
         return self._step_segment_embedded(state, self.embed_tokens(tokens), valid)
 
-    def _step_segment_embedded(self, state, x, valid):
+    def _step_segment_embedded(self, state, x, valid, frozen_local: bool = False):
         hidden, state = self.prefill_embedded(state._replace(fill=jnp.asarray(self.memory_config.sink, jnp.int32)), x, valid)
+        if frozen_local:  # see `forward`: nothing trainable upstream of this segment's local path
+            hidden, state = jax.lax.stop_gradient((hidden, state))
         return hidden, self.compress(state)
 
     # ---------------------------------------------------------------- whole sequences
-    def forward(self, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-        """Hidden states for a laid-out sequence [B, sink + n*window] (see `pad_to_layout`).
+    def forward(self, tokens: jax.Array, valid: jax.Array | None = None, *, frozen_local: bool = False) -> jax.Array:
+        """Hidden states for a laid-out sequence [B, sink + (n-1)*window + t], 0 < t <= window
+        (see `pad_to_layout`; t = window is the plain layout).
 
-        The sink is prefilled once; segments go through `jax.lax.scan`, carrying only the memory
-        (the sink cache is a constant of the scan and the window is empty at every segment start),
-        so with remat the saved activations per segment are just (M, z).
+        The sink is prefilled once; full segments go through `jax.lax.scan`, carrying only the
+        memory (the sink cache is a constant of the scan and the window is empty at every segment
+        start), so with remat the saved activations per segment are just (M, z). A shorter last
+        segment (t < window) is the same step on fewer slots: padding is never attended to, so
+        trimming a segment's trailing padding changes no output (S-SFT's question segment is
+        mostly padding; the trainer trims it).
+
+        `frozen_local=True` says that only memory-path parameters (gate, memory adapter) are being
+        differentiated. The sink and segment 0 run with memory empty, so their local path (gate
+        bypassed) depends on nothing trainable: their backward is skipped (stop_gradient), a
+        quarter of a 4-segment step. Values are unchanged; only gradients of local-path
+        parameters would be lost, hence the flag.
         """
         mem = self.memory_config
         b, n_tokens = tokens.shape
         s, w = mem.sink, mem.window
-        n_seg, rest = divmod(n_tokens - s, w)
-        if n_tokens < s or rest or n_seg < 1:
-            raise ValueError(f"forward expects sink + n*window tokens (sink={s}, window={w}, n>=1); got {n_tokens}. "
-                             "Use eijax.pad_to_layout for raw token streams.")
+        if n_tokens <= s:
+            raise ValueError(f"forward expects sink + n*window tokens (sink={s}, window={w}, n>=1; the last "
+                             f"segment may be shorter); got {n_tokens}. Use eijax.pad_to_layout for raw token streams.")
+        n_seg = -(-(n_tokens - s) // w)
+        tail = n_tokens - s - (n_seg - 1) * w
         if valid is None:
             valid = jnp.ones((b, n_tokens), bool)
         x = self.embed_tokens(tokens)
@@ -154,30 +243,58 @@ class EdgeInfiniteLM(nnx.Module):
         parts = []
         if s:
             h_sink, state = self.prefill_embedded(state, x[:, :s], valid[:, :s])
+            if frozen_local:
+                h_sink, state = jax.lax.stop_gradient((h_sink, state))
             parts.append(h_sink)
         sink_state = state
-        seg_x = x[:, s:].reshape(b, n_seg, w, -1).swapaxes(0, 1)
-        seg_valid = valid[:, s:].reshape(b, n_seg, w).swapaxes(0, 1)
         every = mem.stop_gradient_every
 
-        def body(carry, xs):
-            memory, written = carry
+        def body(carry, xs, frozen=False):
+            memory, written, local = carry
             xi, vi, idx = xs
-            if every:  # truncated backprop through memory: cut every `every` segments
+            if every:  # truncated backprop through memory (and the local layers' window): cut every `every` segments
                 cut = (idx % every) == 0
-                memory = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), memory)
-            hidden, out = self._step_segment_embedded(sink_state._replace(memory=memory, written=written), xi, vi)
-            return (out.memory, out.written), hidden
+                memory, local = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), (memory, local))
+            seg_state = sink_state._replace(memory=memory, written=written, **(local or {}))
+            hidden, out = self._step_segment_embedded(seg_state, xi, vi, frozen)
+            return (out.memory, out.written, _local_part(out)), hidden
 
-        if mem.remat in ("segment", "both"):
-            body = jax.checkpoint(body)
-        _, hs = jax.lax.scan(body, (state.memory, state.written), (seg_x, seg_valid, jnp.arange(n_seg)))
-        parts.append(hs.swapaxes(0, 1).reshape(b, n_seg * w, -1))
+        body_frozen = functools.partial(body, frozen=True)
+        if mem.resolved_remat() in ("segment", "both"):
+            body, body_frozen = jax.checkpoint(body), jax.checkpoint(body_frozen)
+        # the carry: memory, and the local layers' window where the model has local layers
+        carry = (state.memory, state.written, _local_part(state))
+
+        def segment(i: int, length: int):
+            at = s + i * w
+            return x[:, at:at + length], valid[:, at:at + length], jnp.asarray(i)
+
+        first = 0
+        if frozen_local and n_seg > 1:  # segment 0 outside the scan, without its backward
+            carry, h0 = body_frozen(carry, segment(0, w))
+            parts.append(h0)
+            first = 1
+        n_full = (n_seg if tail == w else n_seg - 1) - first
+        if n_full > 0:
+            at, end = s + first * w, s + (first + n_full) * w
+            seg_x = x[:, at:end].reshape(b, n_full, w, -1).swapaxes(0, 1)
+            seg_valid = valid[:, at:end].reshape(b, n_full, w).swapaxes(0, 1)
+            carry, hs = jax.lax.scan(body, carry, (seg_x, seg_valid, jnp.arange(first, first + n_full)))
+            parts.append(hs.swapaxes(0, 1).reshape(b, n_full * w, -1))
+        if first + max(n_full, 0) < n_seg:  # the shorter last segment, outside the scan (its own shapes)
+            _, h_tail = body(carry, segment(n_seg - 1, tail))
+            parts.append(h_tail)
         return jnp.concatenate(parts, axis=1)
 
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """Logits for a laid-out sequence (see `forward`)."""
         return self.logits(self.forward(tokens, valid))
+
+
+def _local_part(state: State) -> dict[str, jax.Array] | None:
+    if state.local_k is None:
+        return None
+    return dict(local_k=state.local_k, local_v=state.local_v, local_valid=state.local_valid)
 
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:

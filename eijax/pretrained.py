@@ -1,7 +1,7 @@
 """Hugging Face tensors -> eijax parameters, and `load_pretrained` for HF folders and GGUF files.
 
-The mapping is one table (`_BLOCK_TENSORS`): eijax path -> (HF name pattern, transpose). Block
-tensors are stacked over layers. Gate parameters are not in the base checkpoint; they keep their
+The mapping is one table (`_BLOCK_TENSORS`): eijax path -> (HF name pattern, transpose), with the
+few names Gemma 3 spells differently in `_GEMMA3_BLOCK_TENSORS`. Block tensors are stacked over layers. Gate parameters are not in the base checkpoint; they keep their
 deterministic initial value (DESIGN §1.2) unless an eijax gate checkpoint is given.
 """
 
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eijax.config import HF_ARCHITECTURE_CLASS, MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
+from eijax.cli import InputError
+from eijax.config import HF_ARCHITECTURE_CLASS, HF_MODEL_TYPE, MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
 from eijax.layers import MemoryAdapter, MemoryGate
 from eijax.model import EdgeInfiniteLM
 
@@ -36,6 +37,13 @@ _BLOCK_TENSORS: dict[tuple[str, ...], tuple[str, bool]] = {
     ("mlp", "up_proj", "kernel"): ("model.layers.{i}.mlp.up_proj.weight", True),
     ("mlp", "down_proj", "kernel"): ("model.layers.{i}.mlp.down_proj.weight", True),
 }
+# Gemma 3: four norms per layer (input, post-attention, pre- and post-feedforward).
+_GEMMA3_BLOCK_TENSORS = {
+    **_BLOCK_TENSORS,
+    ("post_attn_norm", "scale"): ("model.layers.{i}.post_attention_layernorm.weight", False),
+    ("mlp_norm", "scale"): ("model.layers.{i}.pre_feedforward_layernorm.weight", False),
+    ("post_mlp_norm", "scale"): ("model.layers.{i}.post_feedforward_layernorm.weight", False),
+}
 _TOP_TENSORS: dict[tuple[str, ...], tuple[str, bool]] = {
     ("embed",): ("model.embed_tokens.weight", False),
     ("final_norm", "scale"): ("model.norm.weight", False),
@@ -43,17 +51,17 @@ _TOP_TENSORS: dict[tuple[str, ...], tuple[str, bool]] = {
 }
 
 
-def hf_tensor_names() -> tuple[dict, dict]:
-    """The mapping tables (used by convert/ to go back to Hugging Face names)."""
-    return _BLOCK_TENSORS, _TOP_TENSORS
+def hf_tensor_names(family: str | None = None) -> tuple[dict, dict]:
+    """The mapping tables of a family (used by convert/ to go back to Hugging Face names)."""
+    return (_GEMMA3_BLOCK_TENSORS if family == "gemma3" else _BLOCK_TENSORS), _TOP_TENSORS
 
 
 def _take(tensors: dict[str, np.ndarray], name: str, transpose: bool, shape: tuple[int, ...]) -> np.ndarray:
     if name not in tensors:
-        raise KeyError(f"checkpoint is missing tensor {name!r}")
+        raise InputError(f"checkpoint is missing tensor {name!r}")
     a = tensors[name].T if transpose else tensors[name]
     if a.shape != shape:
-        raise ValueError(f"tensor {name!r} has shape {tensors[name].shape} but the model expects "
+        raise InputError(f"tensor {name!r} has shape {tensors[name].shape} but the model expects "
                          f"{shape[::-1] if transpose else shape}{' (HF [out, in] layout)' if transpose else ''}")
     return a
 
@@ -61,17 +69,18 @@ def _take(tensors: dict[str, np.ndarray], name: str, transpose: bool, shape: tup
 def params_from_hf(model: EdgeInfiniteLM, tensors: dict[str, np.ndarray]) -> None:
     """Overwrite the base-model parameters of `model` in place from HF-named tensors."""
     n_layers = model.config.n_layers
+    block_tensors, top_tensors = hf_tensor_names(model.config.family)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     used: set[str] = set()
     updates = []
     for path, var in flat:
         path = tuple(str(p) for p in path)
-        if path[0] == "blocks" and path[1:] in _BLOCK_TENSORS:
-            pattern, tr = _BLOCK_TENSORS[path[1:]]
+        if path[0] == "blocks" and path[1:] in block_tensors:
+            pattern, tr = block_tensors[path[1:]]
             names = [pattern.format(i=i) for i in range(n_layers)]
             value = np.stack([_take(tensors, n, tr, var.shape[1:]) for n in names])
-        elif path in _TOP_TENSORS:
-            name, tr = _TOP_TENSORS[path]
+        elif path in top_tensors:
+            name, tr = top_tensors[path]
             names = [name]
             value = _take(tensors, name, tr, var.shape)
         else:
@@ -81,7 +90,7 @@ def params_from_hf(model: EdgeInfiniteLM, tensors: dict[str, np.ndarray]) -> Non
     ignorable = {"lm_head.weight"} if model.config.tie_embeddings else set()  # tied copies
     unused = sorted(n for n in set(tensors) - used - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if unused:
-        raise ValueError(f"checkpoint has {len(unused)} tensors the model does not use, e.g. {unused[:3]}; "
+        raise InputError(f"checkpoint has {len(unused)} tensors the model does not use, e.g. {unused[:3]}; "
                          "is the config right for this checkpoint?")
     nnx.update(model, nnx.from_flat_state(updates))
 
@@ -92,14 +101,19 @@ def build_model(config: ModelConfig, memory: MemoryConfig, seed: int = 0) -> Edg
 
 def load_pretrained(name_or_path: str | os.PathLike, memory: MemoryConfig | None = None, *,
                     dtype: str = "float32", param_dtype: str = "float32") -> EdgeInfiniteLM:
-    """Load a base model from a local HF folder, a GGUF file, or a registered name ("smollm2").
+    """Load a base model from a local HF folder, a GGUF file, or a registered name ("smollm2", "gemma3-270m").
 
     The gate starts at its initial value (gate ≈ memory.gate_init everywhere).
     """
     from eijax.checkpoint import read_checkpoint
 
     hf_config, tensors = read_checkpoint(name_or_path)
-    config = model_config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype)
+    try:
+        config = model_config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype)
+    except ValueError as e:  # the checkpoint's config asks for something eijax does not support
+        raise InputError(f"{name_or_path}: {e}") from e
+    except KeyError as e:
+        raise InputError(f"{name_or_path}: the model config has no {e.args[0]!r}") from e
     return model_from_hf_tensors(config, memory or MemoryConfig(), tensors)
 
 
@@ -125,11 +139,23 @@ def hf_config_of(model: EdgeInfiniteLM) -> dict[str, Any]:
         rope.update(factor=c.rope.factor, low_freq_factor=c.rope.low_freq_factor,
                     high_freq_factor=c.rope.high_freq_factor, original_max_position_embeddings=c.rope.original_max_position)
     arch = HF_ARCHITECTURE_CLASS[c.family]
-    out = dict(architectures=[arch], model_type=c.family, vocab_size=c.vocab_size, hidden_size=c.d_model,
+    out = dict(architectures=[arch], model_type=HF_MODEL_TYPE.get(c.family, c.family), vocab_size=c.vocab_size,
+               hidden_size=c.d_model,
                num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
                head_dim=c.head_dim, intermediate_size=c.d_ff, rms_norm_eps=c.norm_eps,
                tie_word_embeddings=c.tie_embeddings, max_position_embeddings=c.max_position,
                rope_parameters=rope, hidden_act="silu", torch_dtype=c.param_dtype)
     if c.family == "llama":
         out["attention_bias"] = c.qkv_bias
+    if c.gemma:
+        local = c.local_rope or c.rope
+        scalar = c.query_pre_attn_scalar
+        out.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
+                   sliding_window=c.sliding_window, attn_logit_softcapping=c.attn_softcap or None,
+                   final_logit_softcapping=c.final_softcap or None,
+                   layer_types=["sliding_attention" if f else "full_attention"
+                                for f in (c.local_layers or (False,) * c.n_layers)],
+                   rope_parameters={"full_attention": rope,
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": local.theta}})
+        del out["hidden_act"]
     return out

@@ -32,10 +32,11 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def rope_table(rope: RopeConfig, head_dim: int, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin tables of shape [n_positions, head_dim] (float32)."""
+def rope_table(rope: RopeConfig, head_dim: int, n_positions: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables of shape [n_positions, head_dim] (float32) for positions start..start+n_positions-1
+    (a negative start serves the keys a local layer keeps from before the window; RoPE is relative)."""
     inv = inverse_frequencies(rope, head_dim)
-    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv[None, :]
+    angles = np.arange(start, start + n_positions, dtype=np.float32)[:, None] * inv[None, :]
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

@@ -14,7 +14,7 @@ from eijax.config import SUPPORTED_FAMILIES as FAMILIES
 
 
 def tiny_hf_config(family: str, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     kw = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
               intermediate_size=96, vocab_size=97, max_position_embeddings=256)
@@ -28,9 +28,20 @@ def tiny_hf_config(family: str, **overrides):
     elif family == "qwen3":
         cls = Qwen3Config
         kw["head_dim"] = 24
+    elif family == "gemma3":
+        # local, global, local layers with a 5-token sliding window, two RoPE bases, a query scale
+        # that is not head_dim, and both soft-caps on (gemma-3-270m has them off), so every
+        # Gemma-specific path is exercised.
+        cls = Gemma3TextConfig
+        kw.update(head_dim=24, num_hidden_layers=3, query_pre_attn_scalar=20, sliding_window=5,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0, bos_token_id=2,
+                  eos_token_id=1)
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    kw.update(overrides)
+    kw.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})  # tuples: hashable overrides
     return cls(**kw)
 
 

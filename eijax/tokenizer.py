@@ -1,12 +1,24 @@
-"""Load the tokenizer of a checkpoint (Hugging Face folder or GGUF file), offline only."""
+"""Load the tokenizer of a checkpoint (Hugging Face folder or GGUF file), offline only.
+
+Gemma 3 GGUFs: transformers rebuilds the merges of the 262K-token vocabulary (the file has none),
+which takes 30-60 s, so the converted tokenizer is saved once under the eijax cache folder
+(`registry.cache_dir()`, keyed by the file's path, size, mtime and the transformers version) and
+reloaded from there (about 5 s). A Gemma 3 GGUF without a chat template (gemma-3-270m, the base
+model, has none) gets Gemma 3's own template (as in google/gemma-3-*'s tokenizer_config.json).
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from eijax.checkpoint.gguf_file import read_gguf_metadata
-from eijax.checkpoint.registry import resolve_model
+from eijax.checkpoint.gguf_file import check_gguf, read_gguf_metadata
+from eijax.checkpoint.registry import cache_dir, resolve_model
+from eijax.cli import InputError, MissingInput
 
 # llama.cpp pre-tokenizer types that isolate every numeric character before the GPT-2 split
 # (llama-vocab.cpp groups these together). transformers' GGUF converter knows no split for them
@@ -14,6 +26,52 @@ from eijax.checkpoint.registry import resolve_model
 # so tokenises them differently from llama.cpp and from the original tokenizer.json.
 _DIGIT_ISOLATING_PRE_TOKENIZERS = frozenset(
     {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
+
+# Gemma 3's chat template (google/gemma-3-1b-it, gemma-3-270m tokenizer_config.json): user/model
+# turns, a system message folded into the first user turn.
+GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+# GGUF architectures whose converted tokenizer is cached (slow to rebuild: no merges in the file)
+_CACHED_ARCHITECTURES = frozenset({"gemma3"})
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -27,21 +85,62 @@ def load_tokenizer(name_or_path: str | Path):
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer_cached(path: Path):
+    if path.suffix.lower() == ".gguf":
+        check_gguf(path)  # transformers' own reader fails on a cut-off file with a bare struct/numpy error
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, only when used
 
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"No tokenizer.json in {path}")
+            raise MissingInput(f"No tokenizer.json in {path}")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     elif path.suffix.lower() == ".gguf":
-        tokenizer = AutoTokenizer.from_pretrained(
-            path.parent, gguf_file=path.name, local_files_only=True, trust_remote_code=False)
-        _isolate_digits_like_llama_cpp(tokenizer, path)
+        tokenizer = _gguf_tokenizer(path)
     else:
-        raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
+        raise InputError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(f"{path} gave a {type(tokenizer).__name__}, not a fast (tokenizers) tokenizer")
     return tokenizer
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    meta = read_gguf_metadata(path, ["general.architecture", "tokenizer.chat_template"])
+    architecture = meta.get("general.architecture")
+    cached = _tokenizer_cache_folder(path) if architecture in _CACHED_ARCHITECTURES else None
+    if cached is not None and (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached, local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name, local_files_only=True, trust_remote_code=False)
+    _isolate_digits_like_llama_cpp(tokenizer, path)
+    if architecture == "gemma3" and not meta.get("tokenizer.chat_template"):
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    if cached is not None:
+        _save_to_cache(tokenizer, cached)
+    return tokenizer
+
+
+def _tokenizer_cache_folder(path: Path) -> Path:
+    import transformers
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return cache_dir() / "tokenizers" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _save_to_cache(tokenizer, folder: Path) -> None:
+    """Write to a temporary folder, then rename: a concurrent reader sees all of it or nothing.
+    A cache that cannot be written only costs time."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _isolate_digits_like_llama_cpp(tokenizer, gguf_path: Path) -> None:

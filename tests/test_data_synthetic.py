@@ -1,4 +1,4 @@
-"""Synthetic passkey / multi-key needle tasks: seeds, lengths, depths, real filler, scoring."""
+"""Synthetic passkey / multi-key / digit-key needle tasks: seeds, lengths, depths, filler, scoring."""
 
 import re
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from eijax.data.byte_tokenizer import ByteTokenizer
-from eijax.data.synthetic import (Filler, SyntheticSource, filler_sentences, make_sample,
-                                  multikey_sample, passkey_sample, score_answer)
+from eijax.data.synthetic import (DIGITKEY_PREAMBLE, PASSKEY_PREAMBLE, Filler, SyntheticSource,
+                                  digitkey_sample, filler_sentences, make_sample, multikey_sample,
+                                  passkey_sample, score_answer)
 
 TOK = ByteTokenizer()
 
@@ -46,7 +47,7 @@ def test_passkey_depth_is_controlled():
             assert ctx.count(needle) == 1
             assert abs(s["depth"] - depth) < 0.05
             # position of the needle in the text agrees with the reported depth
-            preamble_end = ctx.index("information there.") + len("information there.")
+            preamble_end = len(PASSKEY_PREAMBLE)  # the context starts with it
             pos = (ctx.index(needle) - preamble_end) / (len(ctx) - preamble_end - len(needle))
             assert abs(pos - depth) < 0.06
     random_depths = [passkey_sample(i, seed=2, tokenizer=TOK, context_tokens=3000)["depth"]
@@ -104,3 +105,60 @@ def test_samples_are_valid_records():
     s = passkey_sample(5, seed=0, tokenizer=TOK, context_tokens=400)
     assert as_record(s) == QARecord(s["context"], s["instruction"], s["answer"])
     assert np.isfinite(s["depth"])
+
+
+def test_digitkey_samples():
+    src = SyntheticSource("digitkey", num_samples=40, seed=3, tokenizer=TOK, context_tokens=120)
+    again = SyntheticSource("digitkey", num_samples=40, seed=3, tokenizer=TOK, context_tokens=120)
+    samples = [src[i] for i in range(40)]
+    assert samples == [again[i] for i in range(40)]  # deterministic per (seed, index)
+    assert samples != [digitkey_sample(i, seed=4, tokenizer=TOK, context_tokens=120) for i in range(40)]
+    for i, s in enumerate(samples):
+        ctx, d = s["context"], s["target"]
+        assert re.fullmatch(r"\d", d) and s["answer"] == f"The key is {d}." and s["instruction"] == "What is the key?"
+        assert ctx.startswith(DIGITKEY_PREAMBLE + " ") and ctx.count("key") == 2  # preamble + the needle once
+        assert ctx.count(s["answer"]) == 1 and re.findall(r"\d", ctx) == [d]
+        assert re.fullmatch(r"[a-z ]*", ctx[len(DIGITKEY_PREAMBLE):].replace(s["answer"], ""))
+        assert 120 - 10 <= n_tokens(ctx) <= 120
+    # each block of 10 indices holds every digit once: a constant answer scores exactly chance
+    assert all(sorted(s["target"] for s in samples[k:k + 10]) == list("0123456789") for k in range(0, 40, 10))
+    depths = [s["depth"] for s in samples]
+    assert min(depths) < 0.2 and max(depths) > 0.8
+    s = digitkey_sample(0, seed=0, tokenizer=TOK, context_tokens=400, depth=0.5)
+    assert abs(s["depth"] - 0.5) < 0.05
+    with pytest.raises(ValueError):
+        digitkey_sample(0, seed=0, tokenizer=TOK, context_tokens=30)  # shorter than the task text
+
+
+def test_digitkey_scoring_and_real_tokenizer():
+    s = digitkey_sample(1, seed=0, tokenizer=TOK, context_tokens=100)
+    d, other = s["target"], str((int(s["target"]) + 1) % 10)
+    assert score_answer("digitkey", f"The key is {d}.", s) and score_answer("digitkey", d, s)
+    assert not score_answer("digitkey", f"The key is {other}.", s)
+    assert not score_answer("digitkey", f"The key is {d}{d}.", s)  # a whole-number match only
+    assert not score_answer("digitkey", "0 1 2 3 4 5 6 7 8 9", s)  # naming every digit is not an answer
+    assert not score_answer("digitkey", "I do not know.", s)
+    # lengths are in tokens of the given tokenizer (one whose tokens span several bytes); the book
+    # filler that generic callers pass to every task is ignored
+    tok = _TinyBPE()
+    t = digitkey_sample(1, seed=0, tokenizer=tok, context_tokens=60, filler=Filler.for_tokenizer(TOK))
+    assert n_tokens(t["context"]) > 80  # multi-byte tokens
+    assert 60 - 8 <= len(tok.encode(t["context"])) <= 60 + 2  # summed word counts: merges may shift it a little
+    assert t["context"].count(t["answer"]) == 1
+
+
+class _TinyBPE:
+    """A real merging tokenizer: byte-level BPE trained on the spot (loading SmolLM2's takes ~10 s)."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        from eijax.data.synthetic import _FILLER_WORDS
+
+        self._tk = Tokenizer(models.BPE())
+        self._tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tk.train_from_iterator([" ".join(_FILLER_WORDS)], trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+
+    def encode(self, text, add_special_tokens=False):
+        return self._tk.encode(text, add_special_tokens=False).ids

@@ -189,3 +189,51 @@ def test_stop_gradient_every_segment_cuts_memory_path():
             assert np.all(np.isfinite(g))
             grads.append(g)
         assert not np.allclose(grads[0], grads[1])
+
+
+def test_short_last_segment_equals_its_padded_layout():
+    """The trainer cuts a last segment's trailing padding: hidden states of the kept slots and the
+    gate gradient must not change (padding is never attended to)."""
+    with jax.enable_x64(True):
+        model = _model("qwen3", "delta", "head_linear")
+        tokens = jnp.asarray(random_tokens((2, N), seed=6))
+        valid = np.ones((2, N), bool)
+        valid[:, N - L + 2:] = False  # the last segment holds 2 real tokens
+        valid[1, N - L + 1:] = False
+        valid = jnp.asarray(valid)
+        keep = N - L + 3  # cut to 3 slots: one padding slot stays
+        full = model.forward(tokens, valid)
+        short = model.forward(tokens[:, :keep], valid[:, :keep])
+        np.testing.assert_allclose(np.asarray(short), np.asarray(full[:, :keep]), rtol=1e-12, atol=1e-12)
+        graph, gate, rest = nnx.split(model, nnx.PathContains("gate"), ...)
+
+        def grad(n):
+            def loss(g):
+                h = nnx.merge(graph, g, rest).forward(tokens[:, :n], valid[:, :n])
+                return jnp.sum(h[:, :keep] * jnp.where(valid[:, :keep, None], 1.0, 0.0) ** 2 * h[:, :keep])
+            return jax.flatten_util.ravel_pytree(jax.grad(loss)(gate))[0]
+
+        np.testing.assert_allclose(grad(keep), grad(N), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("remat", ["none", "segment"])
+def test_frozen_local_keeps_memory_path_gradients(remat):
+    """frozen_local skips the backward of the sink and segment 0: values and the gradients of every
+    memory-path parameter (gate, memory adapter) stay exactly the same."""
+    from eijax.testing import randomise_memory_path
+
+    with jax.enable_x64(True):
+        model = _model("llama", "delta", "linear", adapter=True, remat=remat)
+        randomise_memory_path(model)
+        tokens = jnp.asarray(random_tokens((1, N - 2), seed=7))  # a short last segment too
+        graph, mem_path, rest = nnx.split(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter")),
+                                          ...)
+        weights = jnp.asarray(np.random.RandomState(2).randn(1, N - 2, model.config.d_model))
+
+        def loss(p, frozen_local):
+            return jnp.sum(nnx.merge(graph, p, rest).forward(tokens, frozen_local=frozen_local) * weights)
+
+        for fn in (loss, jax.grad(loss)):
+            a, b = jax.jit(fn, static_argnums=1)(mem_path, False), jax.jit(fn, static_argnums=1)(mem_path, True)
+            np.testing.assert_allclose(jax.flatten_util.ravel_pytree(a)[0], jax.flatten_util.ravel_pytree(b)[0],
+                                       rtol=1e-11, atol=1e-13)

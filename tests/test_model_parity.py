@@ -66,8 +66,11 @@ def test_prefill_overflow_is_an_error(family):
 
 def test_memory_disabled_long_input_is_streaming_baseline(family):
     """enabled=False: compress drops the window and nothing is ever read from memory."""
-    hf, tensors = tiny_hf_model(family)
-    model = tiny_eijax_model(family, eijax.MemoryConfig(sink=4, window=8, enabled=False))
+    # Gemma 3's local layers keep their own sliding window across segments (README "Gemma 3";
+    # tests/test_gemma3.py): this is about the global path, so every layer is made global here.
+    ov = dict(layer_types=("full_attention",) * 3) if family == "gemma3" else {}
+    hf, tensors = tiny_hf_model(family, **ov)
+    model = tiny_eijax_model(family, eijax.MemoryConfig(sink=4, window=8, enabled=False), **ov)
     toks = jnp.asarray(random_tokens((1, 4 + 3 * 8)))
     out = np.asarray(eijax.jit_forward(model, toks))
     # Segment 2 sees only the sink and itself: equal to running [sink ; segment 2] through HF.

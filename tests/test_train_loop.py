@@ -28,8 +28,8 @@ def test_gate_only_step_keeps_base_frozen():
 
     from eijax.train import sharding as shd
     from eijax.train.loop import build_model, shard_training_state
-    from eijax.train.optim import count_params, make_optimizer, split_trainable
-    from eijax.train.step import jit_train_step
+    from eijax.train.optim import count_params, make_optimizer, memory_path_only, split_trainable
+    from eijax.train.step import jit_train_step, prepare_batch
 
     cfg = load_config(None, TINY)
     model = build_model(cfg)
@@ -47,7 +47,8 @@ def test_gate_only_step_keeps_base_frozen():
     batch = dict(tokens=rng.randint(0, 259, (2, n)).astype(np.int32), valid=np.ones((2, n), bool),
                  labels=rng.randint(0, 259, (2, n)).astype(np.int32), loss_mask=np.zeros((2, n), np.float32))
     batch["loss_mask"][:, -20:] = 1
-    step = jit_train_step(graphdef, tx, 64, sh)
+    batch = prepare_batch(batch, cfg.memory.sink, cfg.memory.window)
+    step = jit_train_step(graphdef, tx, 64, sh, memory_path_only(tr_state))
     gate_before = jax.tree.map(np.asarray, trainable)
     trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
     trainable, opt_state, m = step(trainable, opt_state, frozen, batch)
@@ -76,6 +77,40 @@ def test_chunked_loss_equals_full_logits():
     assert float(cnt) == float(mask.sum())
 
 
+def test_prepare_batch_keeps_the_loss_and_cuts_only_padding():
+    """The step's inputs (answer positions only, last segment cut) give the loss of every position."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from eijax.train.loop import build_model
+    from eijax.train.step import loss_fn, prepare_batch
+
+    cfg = load_config(None, TINY)
+    s, w = cfg.memory.sink, cfg.memory.window
+    model = build_model(cfg)
+    rng = np.random.RandomState(3)
+    n = s + 3 * w
+    valid = np.zeros((2, n), bool)
+    valid[0, :s + 2 * w + 10] = True
+    valid[1, :s + 2 * w + 70] = True
+    tokens = np.where(valid, rng.randint(0, 259, (2, n)), 0).astype(np.int32)
+    labels = rng.randint(0, 259, (2, n)).astype(np.int32)
+    mask = np.zeros((2, n), np.float32)
+    mask[0, s + 2 * w + 2:s + 2 * w + 9] = 1
+    mask[1, s + 2 * w + 40:s + 2 * w + 69] = 1
+    out = prepare_batch(dict(tokens=tokens, valid=valid, labels=labels, loss_mask=mask), s, w)
+    assert out["tokens"].shape == (2, s + 2 * w + 128) and out["loss_index"].shape == (2, 32)
+    assert out["loss_weight"].sum() == mask.sum()
+    np.testing.assert_array_equal(out["loss_labels"][0, :7], labels[0, s + 2 * w + 2:s + 2 * w + 9])
+    graphdef, trainable, frozen = nnx.split(model, nnx.PathContains("gate"), ...)
+    every = dict(tokens=tokens, valid=valid, loss_index=np.tile(np.arange(n, dtype=np.int32), (2, 1)),
+                 loss_labels=labels, loss_weight=mask)
+    want, _ = loss_fn(trainable, frozen, graphdef, {k: jnp.asarray(v) for k, v in every.items()}, 64)
+    got, aux = loss_fn(trainable, frozen, graphdef, {k: jnp.asarray(v) for k, v in out.items()}, 64, True)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert float(aux["answer_tokens"]) == mask.sum()
+
+
 def _losses(path):
     return [json.loads(l)["loss"] for l in open(path / "metrics.jsonl") if json.loads(l)["kind"] == "train"]
 
@@ -88,7 +123,10 @@ def test_resume_after_sigterm_gives_identical_losses(tmp_path):
     steps = ["run.steps=5", "checkpoint.every=2", "data.context_lengths=[250,500]", "optim.grad_accum=2"]
     full = run(tiny_config(tmp_path / "full", *steps))
     assert len(full["losses"]) == 5 and all(np.isfinite(full["losses"]))
-    assert sorted(tuple(x) for x in full["compiled_shapes"]) == [(1, 8 + 4 * 128), (1, 8 + 8 * 128)]
+    # tokens cut to the last slot used (rounded up to 64 within its segment); answer slots: a power of two
+    shapes = sorted((tuple(t), tuple(a)) for t, a in full["compiled_shapes"])
+    assert len(shapes) == 2 and all(a == (1, 16) for _, a in shapes), shapes
+    assert [t[1] for t, _ in shapes] == [8 + 2 * 128 + 64, 8 + 4 * 128 + 64]
 
     def kill_at_3(step, record):
         if step == 3:
@@ -104,7 +142,7 @@ def test_resume_after_sigterm_gives_identical_losses(tmp_path):
 
 
 def test_checkpoint_for_another_model_fails_clearly(tmp_path):
-    from eijax.train.checkpointing import CheckpointMismatch, restore_params
+    from eijax.trained import CheckpointMismatch, restore_params
     from eijax.train.loop import build_model, run
 
     run(tiny_config(tmp_path, "run.steps=1", "checkpoint.async_save=false"))
@@ -124,7 +162,7 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
     from convert.loading import load_model
     from convert.to_torch import export_folder
     from eijax.config import MemoryConfig
-    from eijax.train.checkpointing import load_trained, restore_params
+    from eijax.trained import load_trained, restore_params
     from eijax.train.loop import build_model, run
 
     base_dir = export_folder(build_model(tiny_config(tmp_path / "base")), tmp_path / "base")
@@ -138,8 +176,15 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
     identity = np.broadcast_to(np.eye(16), want[("blocks", "memory_adapter", "q")].shape)
     assert not np.allclose(want[("blocks", "memory_adapter", "q")], identity)  # the adapter did train
 
+    # the run exported as a memory file (what ships as "smollm2-memory") loads the same everywhere
+    from eijax.trained import main as export_main, trained_base
+
+    export_main([str(tmp_path / "run"), str(tmp_path / "exported" / "mem")])
+    assert trained_base(tmp_path / "exported" / "mem.json") == str(base_dir)
     for loaded in (load_trained(tmp_path / "run", MemoryConfig(sink=4, window=64)),
-                   load_model(tmp_path / "run", MemoryConfig(sink=4, window=64))):
+                   load_model(tmp_path / "run", MemoryConfig(sink=4, window=64)),
+                   load_trained(tmp_path / "exported" / "mem", MemoryConfig(sink=4, window=64)),
+                   load_model(tmp_path / "exported" / "mem.safetensors", MemoryConfig(sink=4, window=64))):
         m = loaded.memory_config
         assert (m.sink, m.window, m.adapter, m.rule) == (4, 64, True, "delta")
         got = params(loaded)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eijax.cli import InputError, MissingInput
+
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -48,7 +50,7 @@ def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Not a model folder: {folder}")
+        raise MissingInput(f"Not a model folder: {folder}")
     config = read_config(folder)
     return config, read_folder_tensors(folder)
 
@@ -60,9 +62,12 @@ def read_config(folder: Path) -> dict:
         gguf_files = sorted(p.name for p in folder.glob("*.gguf"))
         if gguf_files:
             hint = f" It holds GGUF file(s) {gguf_files}: pass the .gguf file itself instead."
-        raise FileNotFoundError(f"No config.json in {folder}.{hint}")
+        raise MissingInput(f"No config.json in {folder}.{hint}")
     with config_path.open(encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{config_path} is not valid JSON ({e})") from None
 
 
 def read_folder_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -72,7 +77,7 @@ def read_folder_tensors(folder: Path) -> dict[str, np.ndarray]:
         return read_safetensors_file(single)
     if index.is_file():
         return _read_sharded(folder, index)
-    raise FileNotFoundError(_no_weights_message(folder))
+    raise MissingInput(_no_weights_message(folder))
 
 
 def _no_weights_message(folder: Path) -> str:
@@ -92,19 +97,19 @@ def _read_sharded(folder: Path, index_path: Path) -> dict[str, np.ndarray]:
     shard_names = sorted(set(weight_map.values()))
     missing = [name for name in shard_names if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{index_path} names shard file(s) that do not exist: {missing}")
+        raise MissingInput(f"{index_path} names shard file(s) that do not exist: {missing}")
     tensors: dict[str, np.ndarray] = {}
     for shard_name in shard_names:
         for name, array in read_safetensors_file(folder / shard_name).items():
             # The index is the authority: a shard holding a tensor the index puts elsewhere is
             # a broken checkpoint, not something to guess about.
             if weight_map.get(name) != shard_name:
-                raise ValueError(f"{shard_name} holds {name!r}, which {index_path.name} places in "
+                raise InputError(f"{shard_name} holds {name!r}, which {index_path.name} places in "
                                  f"{weight_map.get(name)!r}")
             tensors[name] = array
     absent = sorted(set(weight_map) - set(tensors))
     if absent:
-        raise ValueError(f"{index_path.name} lists tensors no shard holds: {absent[:10]}")
+        raise InputError(f"{index_path.name} lists tensors no shard holds: {absent[:10]}")
     return tensors
 
 
@@ -114,12 +119,15 @@ def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
+            raise InputError(f"{path} is too short to be a safetensors file")
         (header_len,) = struct.unpack("<Q", prefix)
         file_size = path.stat().st_size
         if header_len > min(_MAX_HEADER_BYTES, file_size - 8):
-            raise ValueError(f"{path}: header length {header_len} is not valid")
-        header = json.loads(f.read(header_len))
+            raise InputError(f"{path}: header length {header_len} is not valid")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: the header is not valid JSON ({e}); is the file corrupt?") from None
     header.pop("__metadata__", None)
     # Memory-map rather than read: each tensor is copied out once, so peak memory stays near
     # the size of the result instead of twice it.
@@ -134,14 +142,14 @@ def read_safetensors_file(path: str | Path) -> dict[str, np.ndarray]:
 def _decode_tensor(path: Path, name: str, entry: dict, data: np.ndarray) -> np.ndarray:
     dtype_name = entry["dtype"]
     if dtype_name not in _STORED_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}, which eijax cannot read "
+        raise InputError(f"{path}: tensor {name!r} has dtype {dtype_name}, which eijax cannot read "
                          f"(supported: {sorted(_STORED_DTYPES)})")
     stored = _STORED_DTYPES[dtype_name]
     shape = tuple(int(d) for d in entry["shape"])
     begin, end = (int(o) for o in entry["data_offsets"])
     expected_bytes = int(np.prod(shape, dtype=np.int64)) * stored.itemsize
     if not 0 <= begin <= end <= len(data) or end - begin != expected_bytes:
-        raise ValueError(f"{path}: tensor {name!r} has offsets {begin}..{end}, which do not fit "
+        raise InputError(f"{path}: tensor {name!r} has offsets {begin}..{end}, which do not fit "
                          f"shape {shape} of {dtype_name} in {len(data)} data bytes")
     # Copy out of the file buffer so arrays are writable and own their memory.
     array = np.array(data[begin:end]).view(stored).reshape(shape)

@@ -43,11 +43,13 @@ from typing import Sequence
 
 import numpy as np
 
+from eijax.cli import UserError
+
 log = logging.getLogger(__name__)
 _warned_answer_truncation = False
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A record that cannot be laid out within max_segments."""
 
 

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Union
 
+from eijax.cli import MissingInput, UserError
+
 log = logging.getLogger(__name__)
 
 OnError = Literal["skip", "raise"]
@@ -60,7 +62,7 @@ QuestionPosition = Literal["last", "both"]
 _SENTINEL = "\u2063<<eijax-context-here>>\u2063"  # never appears in real text
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record (JSONL line, Parquet row, dict) that is malformed."""
 
 
@@ -185,12 +187,12 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix in (".jsonl", ".parquet"))
             if not found:
-                raise FileNotFoundError(f"{p}: folder has no *.jsonl or *.parquet files")
+                raise MissingInput(f"data folder {p} has no *.jsonl or *.parquet files")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(str(p))
+            raise MissingInput(f"data file {p}: no such file or folder")
     return files
 
 

@@ -3,31 +3,42 @@
 Tasks (`TASKS`):
   "passkey"  -- passkey retrieval as in Landmark Attention (Mohtashami & Jaggi, 2023):
                 "The pass key is 71432. Remember it. 71432 is the pass key." hidden at
-                a controllable depth in filler; question "What is the pass key?".
+                a controllable depth in filler; the preamble and the question say that the
+                pass key is a 5-digit number (PASSKEY_QUESTION).
   "multikey" -- multi-key needle QA (RULER-style): several needles "The special magic
                 number for <key> is <7-digit number>." at random depths; the question
                 asks for one key's number.
+  "digitkey" -- the smallest recall task, for tiny models trained from scratch (CI's check that
+                retrieval through the memory works): the fixed preamble DIGITKEY_PREAMBLE (so a
+                small sink holds no needle), filler of random lowercase words, one needle "The key is
+                D." (D a digit) at a random depth, question "What is the key?", answer "The key
+                is D.". Digits are balanced: each block of 10 consecutive indices holds every
+                digit once (in a random order), so a model that answers the same digit whatever the
+                needle scores exactly chance (0.1) on 10n samples. It does not use the book.
 
-Filler is real English prose: Jane Austen's *Persuasion* (public domain; see
+Filler (passkey, multikey) is real English prose: Jane Austen's *Persuasion* (public domain; see
 assets/README.md), split into 3,561 sentences (103k SmolLM2 tokens; mean 29, max 271
 tokens a sentence). A sample's haystack is a run of consecutive sentences starting
 at a random sentence, wrapping around the book (contexts longer than the book
 repeat it).
 
 Length: `context_tokens` is the target length, in tokens of the given tokenizer, of
-the context text (preamble + haystack + needles). Whole sentences are added while
-they fit, so the context is at most `context_tokens` and usually within one sentence
+the context text (preamble + haystack + needles). Whole sentences (words, for digitkey) are
+added while they fit, so the context is at most `context_tokens` and usually within one sentence
 of it (per-sentence counts are summed, so boundary merges can shift it by a few
 tokens). Depth: the fraction of haystack tokens before a needle, 0 = start, 1 = end;
-needles sit between sentences, at the boundary nearest the requested depth. `None`
+needles sit between sentences (words), at the boundary nearest the requested depth. `None`
 draws the depth uniformly per sample. The actual depth is stored in the sample.
 
 Seeds: sample i of seed s uses `np.random.default_rng((s, task_salt, i))`, so the same
 (seed, index) always gives the same sample and every (seed, index) its own stream.
 
 A sample is a dict: task, context, instruction, answer (the reference answer, used as
-the S-SFT target), target (the passkey / number as a string), and task metadata.
+the S-SFT target), target (the passkey / number / digit as a string), and task metadata.
 `score_answer(task, generated_text, sample)` says whether a generation is correct.
+
+Each task's filler (the book's sentences or the word list, with per-tokenizer token counts)
+is built once per tokenizer by `filler_for(task, tokenizer)`; samplers take it as `filler=`.
 """
 
 from __future__ import annotations
@@ -41,15 +52,22 @@ from typing import Any, Sequence
 import numpy as np
 
 ASSET = Path(__file__).parent / "assets" / "persuasion.txt"
-TASKS = ("passkey", "multikey")
-_TASK_SALT = {"passkey": 0x5A55, "multikey": 0x3D11}
+TASKS = ("passkey", "multikey", "digitkey")
+_TASK_SALT = {"passkey": 0x5A55, "multikey": 0x3D11, "digitkey": 0x71D6}
 
-PASSKEY_PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. "
-                    "Find it and memorize it. I will quiz you about the important "
-                    "information there.")
-PASSKEY_QUESTION = "What is the pass key?"
+# The wording says what the pass key is (a 5-digit number): with the bare "What is the pass key?"
+# SmolLM2 read "pass key" as an object half of the time ("The pass key is a small, silver-tipped
+# key ..."), which made full attention's ceiling look like 0.5 at 512 tokens.
+PASSKEY_PREAMBLE = ("There is a pass key, a 5-digit number, hidden inside a lot of irrelevant text. "
+                    "Find it and memorize it. I will quiz you about the pass key.")
+PASSKEY_QUESTION = "What is the 5-digit pass key number hidden in the text? Answer with the number."
 MULTIKEY_PREAMBLE = ("Some special magic numbers are hidden within the following text. "
                      "Make sure to memorize it. I will quiz you about the numbers afterwards.")
+# 31 bytes: with the byte tokenizer and its chat header, a sink of up to 32 slots never reaches the
+# needle's digit, and preamble + needle + question + answer still fit in a 32 + 64 cache (the
+# within-window control of tests/test_memory_learns.py).
+DIGITKEY_PREAMBLE = "Find the key in the text below."
+DIGITKEY_QUESTION = "What is the key?"
 
 # Keys for the multi-key task: adjective-noun pairs, 48 x 48 = 2304 distinct keys.
 _ADJECTIVES = (
@@ -64,6 +82,8 @@ _NOUNS = (
     "quarry raven river saddle shadow spruce thistle tiger tulip valley violin walnut "
     "willow zebra").split()
 assert len(set(_ADJECTIVES)) == len(_ADJECTIVES) == 48 and len(set(_NOUNS)) == len(_NOUNS) == 48
+# Filler words of the digitkey task: lowercase, no digits, none of them "key".
+_FILLER_WORDS = tuple(_ADJECTIVES + _NOUNS)
 
 
 _SENTENCE_END = re.compile(r'(?:(?<=[.!?])|(?<=[.!?]["\')]))\s+(?=["\'(]?[A-Z])')
@@ -121,6 +141,39 @@ class Filler:
 @functools.lru_cache(maxsize=4)
 def _filler_cached(tokenizer: Any) -> Filler:
     return Filler._count(tokenizer)
+
+
+@dataclass(frozen=True)
+class WordFiller:
+    """The digitkey task's filler: random words of `_FILLER_WORDS` with their token counts."""
+
+    words: tuple[str, ...]
+    counts: np.ndarray  # tokens of " " + word
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> "WordFiller":
+        try:
+            return _word_filler_cached(tokenizer)
+        except TypeError:  # an unhashable tokenizer: count every time (96 words)
+            return cls._count(tokenizer)
+
+    @classmethod
+    def _count(cls, tokenizer: Any) -> "WordFiller":
+        counts = np.array([len(tokenizer.encode(" " + w, add_special_tokens=False)) for w in _FILLER_WORDS],
+                          np.int64)
+        return cls(_FILLER_WORDS, counts)
+
+    def draw(self, rng: np.random.Generator, budget: int) -> tuple[list[str], list[int]]:
+        """Random words (with replacement) while their tokens fit the budget."""
+        n = max(budget, 0) // int(self.counts.min()) + 1
+        ids = rng.integers(len(self.words), size=n)
+        k = int(np.searchsorted(np.cumsum(self.counts[ids]), budget, side="right"))
+        return [self.words[i] for i in ids[:k]], [int(self.counts[i]) for i in ids[:k]]
+
+
+@functools.lru_cache(maxsize=4)
+def _word_filler_cached(tokenizer: Any) -> WordFiller:
+    return WordFiller._count(tokenizer)
 
 
 def _rng(task: str, seed: int, index: int) -> np.random.Generator:
@@ -198,7 +251,36 @@ def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: in
             "depth": actual[asked], "depths": actual, "seed": seed, "index": index}
 
 
-_SAMPLERS = {"passkey": passkey_sample, "multikey": multikey_sample}
+def digitkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
+                    depth: float | None = None, filler: WordFiller | None = None) -> dict[str, Any]:
+    """One digit-key sample (see the module docstring). A `filler` other than a WordFiller (e.g.
+    the book's, which generic callers pass to every task) is ignored."""
+    rng = _rng("digitkey", seed, index)
+    if not isinstance(filler, WordFiller):
+        filler = WordFiller.for_tokenizer(tokenizer)
+    # balanced digits: a random permutation of 0-9 per block of 10 indices
+    block = np.random.default_rng((int(seed), _TASK_SALT["digitkey"], int(index) // 10, 1))
+    digit = str(int(block.permutation(10)[int(index) % 10]))
+    needle = f"The key is {digit}."
+    d = float(rng.uniform()) if depth is None else float(depth)
+    budget = context_tokens - len(tokenizer.encode(f"{DIGITKEY_PREAMBLE} {needle}", add_special_tokens=False))
+    if budget < 0:
+        raise ValueError(f"context_tokens={context_tokens} is too small for the task text")
+    words, counts = filler.draw(rng, budget)
+    hay, actual = _insert_at_depths(words, counts, [needle], [d])
+    return {"task": "digitkey", "context": f"{DIGITKEY_PREAMBLE} {hay}",
+            "instruction": DIGITKEY_QUESTION, "answer": needle,
+            "target": digit, "depth": actual[0], "seed": seed, "index": index}
+
+
+_SAMPLERS = {"passkey": passkey_sample, "multikey": multikey_sample, "digitkey": digitkey_sample}
+
+
+def filler_for(task: str, tokenizer: Any) -> Filler | WordFiller:
+    """The filler `task`'s sampler takes (cached per tokenizer)."""
+    if task not in _SAMPLERS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {TASKS}")
+    return (WordFiller if task == "digitkey" else Filler).for_tokenizer(tokenizer)
 
 
 def make_sample(task: str, index: int, **params: Any) -> dict[str, Any]:
@@ -219,7 +301,7 @@ class SyntheticSource:
             raise ValueError(f"unknown synthetic task {task!r}; known: {TASKS}")
         self.task, self.num_samples = task, int(num_samples)
         self._params = dict(seed=seed, tokenizer=tokenizer, context_tokens=context_tokens,
-                            filler=Filler.for_tokenizer(tokenizer), **task_params)
+                            filler=filler_for(task, tokenizer), **task_params)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -234,9 +316,12 @@ def score_answer(task: str, generated_text: str, sample: dict[str, Any]) -> bool
     """True if the generation contains the target as a whole number.
 
     For "multikey" it must also contain no other needle's number (so listing every
-    number from the context does not count as an answer).
+    number from the context does not count as an answer). For "digitkey" the target must be the
+    only number in the generation (naming every digit is not an answer).
     """
     numbers = set(re.findall(r"\d+", generated_text))
+    if task == "digitkey":
+        return numbers == {sample["target"]}
     if task == "passkey":
         return sample["target"] in numbers
     if task == "multikey":

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from eijax import cli
 from eijax.config import MemoryConfig
 from eijax.eval import report
 from eijax.eval.tasks import longbench_examples, perplexity_rows, run_examples, synthetic_examples
-from eijax.generate import METHODS, load_model
+from eijax.generate import DEFAULT_MODEL, METHODS, base_model_source, load_model
 
 
 def _ints(text: str) -> list[int]:
@@ -32,10 +33,11 @@ def _depths(text: str) -> list[float | None]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eijax.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="registered name, HF folder or .gguf file")
+    p = cli.ArgumentParser(prog="python -m eijax.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help=f"registered name, HF folder or .gguf file (default: the --checkpoint run's "
+                                   f"base model, else {DEFAULT_MODEL})")
     p.add_argument("--tokenizer", help="tokenizer name/path (default: --model)")
-    p.add_argument("--checkpoint", help="eijax training checkpoint folder (trained gate)")
+    p.add_argument("--checkpoint", help="eijax training run (trained gate; must be for --model's architecture)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--window", type=int, default=512)
@@ -57,19 +59,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli.main_guard
 def main(argv: Sequence[str] | None = None) -> dict:
     a = parse_args(argv)
     from eijax.tokenizer import load_tokenizer
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in a.methods.split(",") if m]
     bad = set(methods) - set(METHODS)
     if bad:
-        raise SystemExit(f"unknown methods {sorted(bad)}; choose from {METHODS}")
+        raise cli.InputError(f"--methods: unknown {', '.join(sorted(bad))}; choose from {', '.join(METHODS)}")
+    for path in a.longbench:
+        cli.existing_file(path, "--longbench")
+    if a.ppl_file:
+        cli.existing_file(a.ppl_file, "--ppl-file")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    tokenizer = load_tokenizer(a.tokenizer or a.model)
-    model = load_model(a.model, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    source = base_model_source(a.model, a.checkpoint)
+    tokenizer = load_tokenizer(a.tokenizer or source)
+    model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
     lengths = _ints(a.lengths)
     examples = []
     for task in [t for t in a.tasks.split(",") if t and t != "none"]:

@@ -18,20 +18,40 @@ def aggregate(rows: Sequence[dict[str, Any]], keys: Sequence[str] = ("task", "le
     out = []
     for key, group in groups.items():
         secs = [g["seconds"] for g in group if "seconds" in g]
-        out.append({**dict(zip(keys, key)), "score": float(np.mean([g["score"] for g in group])), "n": len(group),
-                    "seconds": float(np.mean(secs)) if secs else None})
+        scores = [g["score"] for g in group]
+        out.append({**dict(zip(keys, key)), "score": float(np.mean(scores)), "n": len(group),
+                    "binary": all(x in (0, 1) for x in scores), "seconds": float(np.mean(secs)) if secs else None})
     return out
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at 0/n and n/n, unlike mean ± 2se)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _cell(a: dict[str, Any]) -> str:
+    """Mean score, with its 95% Wilson interval when every score is 0 or 1 (accuracy)."""
+    if a.get("binary"):
+        lo, hi = wilson_interval(a["score"] * a["n"], a["n"])
+        return f"{a['score']:.2f} [{lo:.2f}, {hi:.2f}]"
+    return f"{a['score']:.3f}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """task x length rows, one column per method (mean score; perplexity for task 'ppl')."""
+    """task x length rows, one column per method (mean score [95% interval] for accuracies;
+    perplexity for task 'ppl')."""
     agg = aggregate([r for r in rows if r["task"] != "ppl"])
     agg += aggregate([r for r in rows if r["task"] == "ppl"], ("task", "length", "method"))
     methods = list(dict.fromkeys(a["method"] for a in agg))
     cells: dict[tuple, dict[str, str]] = defaultdict(dict)
     counts: dict[tuple, int] = {}
     for a in agg:
-        cells[(a["task"], a["length"])][a["method"]] = f"{a['score']:.3f}"
+        cells[(a["task"], a["length"])][a["method"]] = _cell(a)
         counts[(a["task"], a["length"])] = a["n"]
     lines = ["| task | length | n | " + " | ".join(methods) + " |", "|" + "---|" * (3 + len(methods))]
     for (task, length), by_method in cells.items():

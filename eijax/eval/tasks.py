@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from eijax.cli import InputError
 from eijax.eval.metrics import METRICS, metric_for_dataset
 from eijax.generate import Generator, SamplingConfig, prompt_parts, stop_ids
 
@@ -65,10 +66,15 @@ def longbench_examples(tokenizer, path: str | Path, lengths: Sequence[int], max_
     task = f"{path.stem}:{metric}"
     out = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "input" not in rec or "answers" not in rec:
+                raise InputError(f"{path}:{lineno}: a LongBench record needs 'input' and 'answers'")
             doc, question = prompt_parts(tokenizer, rec["input"], rec.get("context", ""))
             answers = rec["answers"] if isinstance(rec["answers"], list) else [rec["answers"]]
             n = len(doc) + len(question)

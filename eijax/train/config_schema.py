@@ -19,12 +19,13 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from eijax.cli import UserError, yaml_problem
 from eijax.config import MemoryConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration mistake, reported before anything is built."""
 
 
@@ -41,7 +42,7 @@ class RunSection:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     checkpoint: str = "smollm2"        # HF folder, .gguf, or a known name; "" = random init from the shapes below
-    family: Literal["llama", "qwen2", "qwen3"] = "llama"
+    family: Literal["llama", "qwen2", "qwen3", "gemma3"] = "llama"
     vocab_size: int = 0                # shapes: checked against the checkpoint when one is given
     d_model: int = 0
     n_layers: int = 0
@@ -262,6 +263,8 @@ def read_yaml_layer(path: str | Path) -> dict[str, Any]:
     loader.name = str(path)
     try:
         tree = loader.get_single_data() or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({yaml_problem(e)})") from None
     finally:
         loader.dispose()
     if not isinstance(tree, dict):
@@ -281,7 +284,10 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
             raise _unknown_key(key, "command line")
         if key in out:
             raise ConfigError(f"config key {key!r} is set twice on the command line")
-        out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command-line override {arg!r}: the value is not valid YAML ({yaml_problem(e)})") from None
     return out
 
 

@@ -37,3 +37,16 @@ def model_flops_per_token(config, memory_config, trainable_all: bool = False) ->
     attention = c.n_layers * 4 * c.n_heads * c.head_dim * (ctx + c.head_dim)
     passes = 3 if trainable_all else 2  # forward, backward to activations, backward to weights
     return passes * (2 * matmul + attention)
+
+
+def step_flops(config, memory_config, slots: int, answer_tokens: int) -> float:
+    """FLOPs one S-SFT step needs when the base is frozen: forward and backward-to-activations
+    matmuls (and attention) of every layer over the slots computed, plus the lm head over the answer
+    tokens only (the loss needs no other logits). Remat recompute is not counted: it is not needed."""
+    c = config
+    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
+        + 3 * c.d_model * c.d_ff
+    ctx = memory_config.sink + memory_config.window / 2
+    attention = c.n_layers * 4 * c.n_heads * c.head_dim * (ctx + c.head_dim)
+    layers = 2 * c.n_layers * per_layer + attention
+    return 2 * (layers * slots + 2 * c.vocab_size * c.d_model * answer_tokens)

@@ -21,11 +21,10 @@ from eijax.train import checkpointing as ckpt
 from eijax.train import sharding as shd
 from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
-from eijax.train.optim import count_params, learning_rate_schedule, make_optimizer, set_trainable, split_trainable
+from eijax.train.optim import count_params, memory_path_only, learning_rate_schedule, make_optimizer, set_trainable, split_trainable
 from eijax.train.flops import matmul_peak_flops, model_flops_per_token
-from eijax.train.step import compile_step, jit_train_step
+from eijax.train.step import batch_extent, compile_step, jit_train_step, prepare_batch
 
-BATCH_KEYS = ("tokens", "valid", "labels", "loss_mask")
 
 
 def log0(text: str) -> None:
@@ -184,7 +183,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
 
     # the step, compiled before the loop
     chunk = config.optim.loss_chunk or config.memory.window
-    step_fn = jit_train_step(graphdef, tx, chunk, shardings)
+    step_fn = jit_train_step(graphdef, tx, chunk, shardings, memory_path_only(trainable_state))
     compiled: dict[tuple, Any] = {}
     schedule = learning_rate_schedule(config.optim, max(config.run.steps, 1))
     flops_tok = model_flops_per_token(model.config, model.memory_config)
@@ -200,8 +199,10 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
             micro, tok = [], 0
             for _ in range(k):
                 local = next(data_iter)
-                batch = shd.global_batch({key: local[key] for key in BATCH_KEYS}, shardings["batch"])
-                shape = batch["tokens"].shape
+                batch = shd.global_batch(prepare_batch(local, config.memory.sink, config.memory.window,
+                                                       shd.max_over_processes(batch_extent(local))),
+                                         shardings["batch"])
+                shape = (batch["tokens"].shape, batch["loss_index"].shape)
                 if shape not in compiled:
                     t_c = time.perf_counter()
                     abstract = {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings["batch"])

@@ -12,11 +12,11 @@ import optax
 from flax import nnx
 
 from eijax.train.config_schema import OptimSection
+from eijax.trained import param_filter, set_params
 
 
-def trainable_filter(patterns: Sequence[str]) -> nnx.filterlib.Filter:
-    """Params whose path contains any of `patterns` as a path element (e.g. "gate")."""
-    return nnx.All(nnx.Param, nnx.Any(*[nnx.PathContains(p) for p in patterns]))
+trainable_filter = param_filter   # optim.trainable matches whole path elements ("gate", "memory_adapter")
+set_trainable = set_params
 
 
 def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -28,13 +28,12 @@ def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.Gra
     return graphdef, trainable, frozen
 
 
-def set_trainable(model: nnx.Module, values, patterns: Sequence[str]) -> None:
-    """Put trained values (a pure dict, on device or host) into `model` in place."""
-    import jax
+MEMORY_PATH = ("gate", "memory_adapter")  # parameter-path elements of the memory path (DESIGN §1.2)
 
-    state = nnx.state(model, trainable_filter(patterns))
-    nnx.replace_by_pure_dict(state, jax.device_get(values))
-    nnx.update(model, state)
+
+def memory_path_only(trainable: nnx.State) -> bool:
+    """True when every trainable parameter belongs to the memory path: the local path is frozen."""
+    return all(any(str(k) in MEMORY_PATH for k in path) for path, _ in nnx.to_flat_state(trainable))
 
 
 def learning_rate_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:

@@ -91,3 +91,13 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in local.items()}
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def max_over_processes(values: tuple[int, ...]) -> tuple[int, ...]:
+    """Element-wise maximum of small host integers over all processes (identity with one process)."""
+    if jax.process_count() == 1:
+        return tuple(values)
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
+    return tuple(int(v) for v in np.max(gathered.reshape(jax.process_count(), -1), axis=0))

@@ -1,8 +1,11 @@
 """The jitted S-SFT train step.
 
-Loss: next-token cross-entropy on answer tokens (`loss_mask`), averaged over them. Logits are
-computed chunk by chunk under `jax.checkpoint` so the [B, N, V] logits tensor never exists at once
-(the vocabulary is the biggest activation for small models). The step is lowered and compiled
+Loss: next-token cross-entropy on answer tokens, averaged over them. The host turns a laid-out batch
+into the step's inputs (`prepare_batch`): trailing all-padding slots of the last segment are cut
+(to a multiple of `TAIL_MULTIPLE`), and the answer positions are listed (`loss_index`, padded to a
+power of two), so the lm head runs on the answer tokens only, not on every slot (the vocabulary
+projection was a fifth of the forward FLOPs). Logits are computed chunk by chunk under
+`jax.checkpoint` so a [B, K, V] logits tensor never exists at once. The step is lowered and compiled
 before the loop, and its memory use printed.
 """
 
@@ -13,8 +16,52 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+
+TAIL_MULTIPLE = 64   # the last segment is cut to a multiple of this many slots
+MIN_ANSWER_SLOTS = 16
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def batch_extent(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(slots used by any row, the longest row's answer-token count): what `prepare_batch` sizes by.
+    Multi-process runs take the maximum over processes so that every process builds the same shapes."""
+    used = int(np.flatnonzero(np.asarray(batch["valid"]).any(axis=0)).max(initial=0)) + 1
+    return used, int((np.asarray(batch["loss_mask"]) > 0).sum(axis=1).max(initial=0))
+
+
+def prepare_batch(batch: dict[str, np.ndarray], sink: int, window: int,
+                  extent: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Host-side: a laid-out batch (tokens, valid, labels, loss_mask) -> the train step's inputs.
+
+    tokens, valid: cut after the last slot any row uses, rounded up to `TAIL_MULTIPLE` within its
+    segment (padding is never attended to, so outputs are unchanged; see EdgeInfiniteLM.forward).
+    Shapes: at most max_segments x window / TAIL_MULTIPLE distinct ones, each compiled once.
+    loss_index [B, K]: slot of each answer token (K a power of two >= the longest row's count),
+    loss_labels [B, K]: its target, loss_weight [B, K]: 1 for a real entry, 0 for padding.
+    """
+    tokens, valid = np.asarray(batch["tokens"]), np.asarray(batch["valid"])
+    mask = np.asarray(batch["loss_mask"]) > 0
+    b, n = tokens.shape
+    used, longest = extent or batch_extent(batch)
+    segments = max(1, -(-(used - sink) // window))
+    last_start = sink + (segments - 1) * window
+    keep = min(n, last_start + -(-max(used - last_start, 1) // TAIL_MULTIPLE) * TAIL_MULTIPLE)
+    k = _pow2_at_least(longest, MIN_ANSWER_SLOTS)
+    index = np.zeros((b, k), np.int32)
+    weight = np.zeros((b, k), np.float32)
+    for r in range(b):
+        pos = np.flatnonzero(mask[r])
+        index[r, :len(pos)] = pos
+        weight[r, :len(pos)] = 1.0
+    labels = np.take_along_axis(np.asarray(batch["labels"]), index, axis=1).astype(np.int32)
+    return dict(tokens=tokens[:, :keep], valid=valid[:, :keep], loss_index=index, loss_labels=labels,
+                loss_weight=weight)
 
 
 def chunked_cross_entropy(model, hidden: jax.Array, labels: jax.Array, loss_mask: jax.Array,
@@ -46,27 +93,32 @@ def chunked_cross_entropy(model, hidden: jax.Array, labels: jax.Array, loss_mask
 
 
 def loss_fn(trainable: dict, frozen: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
-            chunk: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+            chunk: int, frozen_local: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean answer-token cross-entropy of a `prepare_batch` batch. `frozen_local`: only memory-path
+    parameters train (see EdgeInfiniteLM.forward), so the backward of the sink and segment 0 is skipped."""
     model = nnx.merge(graphdef, trainable, frozen)
-    hidden = model.forward(batch["tokens"], batch["valid"])
-    ce, cnt, acc = chunked_cross_entropy(model, hidden, batch["labels"], batch["loss_mask"], chunk)
+    hidden = model.forward(batch["tokens"], batch["valid"], frozen_local=frozen_local)
+    answer_hidden = jnp.take_along_axis(hidden, batch["loss_index"][..., None], axis=1)  # [B, K, D]
+    ce, cnt, acc = chunked_cross_entropy(model, answer_hidden, batch["loss_labels"], batch["loss_weight"],
+                                         min(chunk, answer_hidden.shape[1]))
     denom = jnp.maximum(cnt, 1.0)
     return ce / denom, {"answer_tokens": cnt, "token_accuracy": acc / denom}
 
 
 def train_step(trainable: dict, opt_state: Any, frozen: nnx.State, batch: dict[str, jax.Array], *,
-               graphdef: nnx.GraphDef, tx: optax.GradientTransformation, chunk: int):
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation, chunk: int, frozen_local: bool = False):
     """One micro-step: grads of the trainable params only; the optimizer (maybe MultiSteps) applies them."""
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, chunk)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, chunk,
+                                                                   frozen_local)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return trainable, opt_state, metrics
 
 
-def jit_train_step(graphdef, tx, chunk: int, shardings: dict[str, Any]) -> Callable:
+def jit_train_step(graphdef, tx, chunk: int, shardings: dict[str, Any], frozen_local: bool = False) -> Callable:
     """jax.jit with explicit shardings; trainable params and optimizer state are donated."""
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, chunk=chunk)
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, chunk=chunk, frozen_local=frozen_local)
     return jax.jit(fn,
                    in_shardings=(shardings["trainable"], shardings["opt_state"], shardings["frozen"], shardings["batch"]),
                    out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["replicated"]),

@@ -1,0 +1,177 @@
+"""What the memory read returns for a needle: how much of the read's weight lands on the needle's
+tokens, against the weight softmax attention would give them with the same q and k.
+
+For a passkey sample laid out as in S-SFT (context streams through sink + segments, the question
+starts a fresh window), the model runs segment by segment, layer by layer, recording every layer's
+pre-RoPE q of the question's last token (the one that predicts the answer) and the keys the memory
+holds (memory-path adapter maps applied where the model has them). Per layer and query head:
+
+    share_mem   = Σ_needle σ(q)·σ(k_t) / Σ_all σ(q)·σ(k_t)     (σ = elu + 1: the memory's read weights;
+                                                                 exact for the linear rule)
+    share_soft  = Σ_needle exp(q·k_t/√d) / Σ_all exp(q·k_t/√d)  (softmax over the same keys, no RoPE)
+    selectivity = share / (needle tokens / memory tokens)       (1 = no better than uniform)
+
+A memory that can recall the needle needs selectivity well above 1 in some head of some layer.
+
+    python -m eijax.eval.memory_probe --model smollm2 --length 400 --samples 8 [--checkpoint C]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eijax import cli
+from eijax.layers import adapt
+from eijax.memory import Memory, sigma
+
+
+def _char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
+    spans, pos = [], 0
+    for i in ids:
+        n = len(tokenizer.decode([i]))
+        spans.append((pos, pos + n))
+        pos += n
+    return spans
+
+
+def needle_token_mask(tokenizer, ids: Sequence[int], needle: str) -> np.ndarray:
+    """Tokens of `ids` whose decoded characters overlap the first occurrence of `needle`."""
+    text = "".join(tokenizer.decode([i]) for i in ids)
+    start = text.find(needle)
+    if start < 0:
+        raise ValueError("needle not found in the decoded context")
+    end = start + len(needle)
+    return np.array([a < end and b > start for a, b in _char_spans(tokenizer, ids)])
+
+
+def layer_qk(model, ctx: Sequence[int], query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ctx (sink + segments, memory on) then the query in a fresh window, layer by layer.
+
+    Returns (q [NL, H, d] of the query's last token, k [NL, T, Hkv, d] of the memory's tokens,
+    written [T] bool: which ctx positions went to memory), pre-RoPE, memory-adapter maps applied."""
+    mem = model.memory_config
+    s, w = mem.sink, mem.window
+    graph, params = nnx.split(model.blocks)
+    n_layers = model.config.n_layers
+    cos, sin = model._rope()
+    blocks = [nnx.merge(graph, jax.tree.map(lambda a, i=i: a[i], params)) for i in range(n_layers)]
+
+    def run(state, ids):
+        x = model.embed_tokens(jnp.asarray([ids]))
+        t = len(ids)
+        valid = jax.lax.dynamic_update_slice(state.valid, jnp.ones((1, t), bool), (0, int(state.fill)))
+        ks, vs, qs = [], [], []
+        for i, blk in enumerate(blocks):
+            q, _, _ = blk.project_qkv(blk.attn_norm(x))
+            qs.append(q[0, -1])
+            x, k_i, v_i = blk(x, state.k[i], state.v[i], valid, state.fill,
+                              Memory(state.memory.M[i], state.memory.z[i]), state.written, cos, sin)
+            ks.append(k_i)
+            vs.append(v_i)
+        return jnp.stack(qs), state._replace(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, fill=state.fill + t)
+
+    state = model.init_state(1)
+    keys, written = [], np.zeros(len(ctx), bool)
+    if s:
+        _, state = run(state, list(ctx[:s]))
+    for at in range(s, len(ctx), w):
+        seg = list(ctx[at:at + w])
+        _, state = run(state._replace(fill=jnp.asarray(s, jnp.int32)), seg)
+        keys.append(state.k[:, 0, s:s + len(seg)])
+        written[at:at + len(seg)] = True
+        state = model.compress(state)
+    q, _ = run(state._replace(fill=jnp.asarray(s, jnp.int32)), list(query))
+    k = jnp.concatenate(keys, axis=1)
+    adapter = model.blocks.memory_adapter
+    if adapter is not None:
+        q = jax.vmap(lambda qi, m: adapt(qi[None, None], m)[0, 0])(q, adapter.q[...])
+        k = jax.vmap(lambda ki, m: adapt(ki[None], m)[0])(k, adapter.k[...])
+    return np.asarray(q), np.asarray(k), written
+
+
+def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray,
+                  temperatures: Sequence[float] = ()) -> dict[str, np.ndarray]:
+    """Per layer and query head: memory-read and softmax weight on the needle tokens, and their
+    selectivity (share / uniform share). q [NL, H, d], k [NL, T, Hkv, d], needle [T] bool.
+    `temperatures` adds σ(βq)·σ(βk) reads ("mem_b<β>"): elu+1's constant offset gives every key a
+    similarity of ~d, which a larger β makes small against the q/k-dependent part."""
+    nl, h, d = q.shape
+    group = h // k.shape[2]
+    kk = k[:, :, np.arange(h) // group]                       # [NL, T, H, d]: head h reads KV head h // G
+
+    def linear(beta: float) -> np.ndarray:
+        return np.einsum("lhd,lthd->lht", np.asarray(sigma(jnp.asarray(beta * q))),
+                         np.asarray(sigma(jnp.asarray(beta * kk))))
+
+    logits = np.einsum("lhd,lthd->lht", q, kk) / np.sqrt(d)
+    soft = np.exp(logits - logits.max(-1, keepdims=True))
+    uniform = needle.mean()
+    out = {}
+    reads = [("mem", linear(1.0)), ("soft", soft)] + [(f"mem_b{b:g}", linear(b)) for b in temperatures]
+    for name, wts in reads:
+        share = wts[..., needle].sum(-1) / wts.sum(-1)
+        out[f"share_{name}"] = share
+        out[f"selectivity_{name}"] = share / uniform
+    return out
+
+
+def probe(model, tokenizer, samples: Sequence[dict[str, Any]],
+          temperatures: Sequence[float] = ()) -> dict[str, np.ndarray]:
+    """Mean over samples of `needle_shares` (passkey samples; the needle is its whole sentence)."""
+    from eijax.generate import prompt_parts
+
+    acc: dict[str, list[np.ndarray]] = {}
+    for s in samples:
+        ctx, query = prompt_parts(tokenizer, s["instruction"], s["context"])
+        key = s["target"]
+        needle_text = f"The pass key is {key}. Remember it. {key} is the pass key."
+        q, k, written = layer_qk(model, ctx, query)
+        needle = needle_token_mask(tokenizer, ctx, needle_text)[written]
+        for name, v in needle_shares(q, k, needle, temperatures).items():
+            acc.setdefault(name, []).append(v)
+    return {name: np.mean(v, axis=0) for name, v in acc.items()}
+
+
+@cli.main_guard
+def main(argv: Sequence[str] | None = None) -> None:
+    from eijax.config import MemoryConfig
+    from eijax.data.synthetic import Filler, make_sample
+    from eijax.generate import base_model_source, load_model
+    from eijax.tokenizer import load_tokenizer
+
+    p = cli.ArgumentParser(prog="python -m eijax.eval.memory_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="registered name, HF folder or .gguf (default: the checkpoint's base, else smollm2)")
+    p.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
+    p.add_argument("--sink", type=int, default=32)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--length", type=int, default=400, help="context tokens (the needle goes to memory)")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=777)
+    p.add_argument("--temperatures", default="4,16", help="extra σ(βx) feature-map scales to compare (comma list)")
+    a = p.parse_args(argv)
+    temps = [float(t) for t in a.temperatures.split(",") if t]
+    source = base_model_source(a.model, a.checkpoint)
+    tok = load_tokenizer(source)
+    model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    filler = Filler.for_tokenizer(tok)
+    samples = [make_sample("passkey", i, seed=a.seed, tokenizer=tok, context_tokens=a.length, filler=filler)
+               for i in range(a.samples)]
+    res = probe(model, tok, samples, temps)
+    print(f"needle selectivity per layer (share of weight on the needle / uniform share), {a.samples} samples, "
+          f"context {a.length}, sink {a.sink}, window {a.window}:")
+    print(f"{'layer':>5} {'mem max':>8} {'mem mean':>9} {'soft max':>9} {'soft mean':>10}")
+    sm, ss = res["selectivity_mem"], res["selectivity_soft"]
+    for layer in range(sm.shape[0]):
+        print(f"{layer:>5} {sm[layer].max():>8.2f} {sm[layer].mean():>9.2f} {ss[layer].max():>9.2f} "
+              f"{ss[layer].mean():>10.2f}")
+    print(f"best head overall: memory read {sm.max():.2f}, softmax {ss.max():.2f}" + "".join(
+        f", memory read with β={t:g} {res[f'selectivity_mem_b{t:g}'].max():.2f}" for t in temps))
+
+
+if __name__ == "__main__":
+    main()
