@@ -125,8 +125,9 @@ def test_resume_after_sigterm_gives_identical_losses(tmp_path):
     assert len(full["losses"]) == 5 and all(np.isfinite(full["losses"]))
     # tokens cut to the last slot used (rounded up to 64 within its segment); answer slots: a power of two
     shapes = sorted((tuple(t), tuple(a)) for t, a in full["compiled_shapes"])
-    assert len(shapes) == 2 and all(a == (1, 16) for _, a in shapes), shapes
-    assert [t[1] for t, _ in shapes] == [8 + 2 * 128 + 64, 8 + 4 * 128 + 64]
+    assert 2 <= len(shapes) <= 4, shapes
+    for (b, n), (_, k) in shapes:
+        assert b == 1 and (n - 8) % 64 == 0 and n <= 8 + 8 * 128 and k in (16, 32, 64), shapes
 
     def kill_at_3(step, record):
         if step == 3:
