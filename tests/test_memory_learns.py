@@ -11,19 +11,26 @@ through eijax.generate, exact match of the digit). Training mixes two context le
          needle is reachable only through the memory.
 
 Asserted: with memory on, LONG is answered (>= 0.9); the same run with `memory.enabled=false` stays
-at chance on LONG (digits are balanced, chance is 0.1) while it learns SHORT. If the first fails and
-the others pass, retrieval through the memory is broken.
+at chance on LONG (digits are balanced, chance is 0.1); both runs learn SHORT (>= 0.8). If the first
+fails and the others pass, retrieval through the memory is broken.
 
-Settings, and why (measured on a 2-core CPU, see RESEARCH.md):
+Settings, and why (measured on the 2-core CPU, 2026-11-29):
   * The base weights are random N(0, 0.1) (`_random_base`), not tiny-random's own 0.02 (Hugging Face's
-    initializer_range): at 0.02 even the within-window task sits on a loss plateau for 300-600 steps,
+    initializer_range): at 0.02 even the within-window task sits on a loss plateau for 350-600 steps,
     at 0.1 it is learned in about 100. Written as a Hugging Face folder and loaded with
     `model.checkpoint`, because the config has no init-scale key.
-  * Mixing SHORT into training: the copy circuit forms within the window first, then carries over to
-    the memory read (memory learned after 180-270 steps, against > 500 with LONG alone at 0.02).
-  * gate_init 0.5 (a much stronger gradient through the memory than 0.05), every parameter trainable,
-    batch 8 (per-example cost is lowest there on CPU), sink 32 (holds the chat header and most of the
-    preamble, so the memory holds filler and needle), window 64.
+  * SHORT mixed into training: the copy circuit forms within the window and carries over to the
+    memory read. LONG is answered after 150-250 steps (loss < 0.04 over both kinds); 600 steps leave
+    room for SHORT, which lags in some seeds (seed 1 had SHORT at 0.5 after 400 steps).
+  * gate_init 0.5 (a much stronger gradient through the memory than the default 0.05), every
+    parameter trainable, learning rate 5e-3 (at 1e-2, 2 of 3 seeds never left the plateau), batch 8 (the cheapest
+    per example on CPU), sink 32 (the chat header and most of the preamble: the memory holds filler
+    and needle), window 64.
+  * Seeds 0-4: memory on 1.0 (LONG) and 1.0 (SHORT); memory off 0.1 (LONG, chance) and 1.0 (SHORT;
+    0.9 for seed 4).
+  * A batch of SHORT records only is a second shape, so most runs compile the step twice (~15 s more).
+    The whole file took 3 min 50 s with another job busy on the same 2 cores; one run (train, two
+    compiles, eval) took 55-65 s when the machine was less loaded.
 """
 
 from __future__ import annotations
@@ -107,9 +114,11 @@ def check_layout() -> None:
     from eijax.data.records import as_record, render_parts
     from eijax.data.synthetic import SyntheticSource
 
-    tok = ByteTokenizer()
+    from eijax.train.config_schema import load_config
+
+    tok, seed = ByteTokenizer(), load_config(None, ARGS).eval.seed
     for length in (SHORT, LONG):
-        for sample in SyntheticSource("digitkey", num_samples=EXAMPLES, seed=12345, tokenizer=tok,
+        for sample in SyntheticSource("digitkey", num_samples=EXAMPLES, seed=seed, tokenizer=tok,
                                       context_tokens=length):
             p = render_parts(as_record(sample), tok)
             c, q, total = len(p.ctx), len(p.query), len(p.ctx) + len(p.query) + len(p.answer)
@@ -136,4 +145,7 @@ def test_without_memory_the_needle_is_out_of_reach(runs):
 
 
 def test_within_window_control_is_learned(runs):
-    assert runs[False][f"acc/digitkey/{SHORT}"] >= 0.9, runs[False]
+    # SHORT has 10 distinct prompts (preamble + needle, no room for filler), so accuracy moves in steps
+    # of 0.1; "learned" is 0.8 or more (chance 0.1). Memory off it lags (one seed in five: 0.9).
+    for memory in (False, True):
+        assert runs[memory][f"acc/digitkey/{SHORT}"] >= 0.8, runs[memory]
