@@ -96,3 +96,60 @@ TINY_TRAIN_ARGS = ("model_name=tiny-random", "data.tokenizer=bytes", "memory.sin
                    "memory.remat=none", "data.tasks=[passkey]", "data.context_lengths=[250]", "data.max_segments=8",
                    "data.buckets=[4,8]", "eval.before=false", "eval.after=false", "optim.learning_rate=1e-2",
                    "optim.warmup_steps=1", "run.report=false")
+
+
+def padded_inputs(sink: int, window: int, n_segments: int, seed: int = 0):
+    """(tokens [2, N], valid [2, N]) for the equivalence tests: row 1 has padding at the end of
+    segment 0, row 0 at the end of the last segment."""
+    import jax.numpy as jnp
+
+    n = sink + n_segments * window
+    valid = np.ones((2, n), bool)
+    valid[1, sink + window - 2:sink + window] = False
+    valid[0, n - 3:] = False
+    return jnp.asarray(random_tokens((2, n), seed=seed)), jnp.asarray(valid)
+
+
+@functools.cache
+def _jitted_steps():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
+    window = nnx.jit(lambda m, s, t, v: m.prefill(s._replace(fill=jnp.asarray(m.memory_config.sink, jnp.int32)), t, v))
+    step = nnx.jit(lambda m, s, t, v: m.step_segment(s, t, v))
+    return prefill, window, step
+
+
+def segment_loop(model, tokens, valid):
+    """A plain Python loop over segments, the reference for the scanned `forward`. Returns (hidden
+    [B, N, D], per segment (k, v, valid) of the window before compress, the memory before each
+    segment, the final state)."""
+    prefill, window, step = _jitted_steps()
+    s, w = model.memory_config.sink, model.memory_config.window
+    state = model.init_state(tokens.shape[0])
+    h, state = prefill(model, state, tokens[:, :s], valid[:, :s])
+    hidden, windows, memories = [h], [], []
+    for at in range(s, tokens.shape[1], w):
+        sl = slice(at, at + w)
+        memories.append(state.memory)
+        _, before_compress = window(model, state, tokens[:, sl], valid[:, sl])
+        windows.append((np.asarray(before_compress.k[:, :, s:]), np.asarray(before_compress.v[:, :, s:]),
+                        np.asarray(valid[:, sl])))
+        h, state = step(model, state, tokens[:, sl], valid[:, sl])
+        hidden.append(h)
+    return np.concatenate(hidden, axis=1), windows, memories, state
+
+
+def memory_write_reference(M, z, k, v, valid, rule: str, eps: float, layers=None):
+    """One window's memory write in float64 NumPy (DESIGN §1.1), stacked over layers:
+    M [NL, B, Hkv, d, d], z [NL, B, Hkv, d], k, v [NL, B, L, Hkv, d], valid [B, L];
+    `layers` [NL] bool: the layers that write (default: all). Returns (M, z)."""
+    sig = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
+    sk = sig(k) * valid[None, :, :, None, None]
+    vv = v * valid[None, :, :, None, None]
+    if rule == "delta":
+        vv = vv - np.einsum("nbtkd,nbkde->nbtke", sk, M) / (np.einsum("nbtkd,nbkd->nbtk", sk, z)[..., None] + eps)
+    g = np.ones(M.shape[0]) if layers is None else np.asarray(layers, np.float64)
+    return (M + np.einsum("nbtkd,nbtke->nbkde", sk, vv) * g[:, None, None, None, None],
+            z + sk.sum(axis=2) * g[:, None, None, None])

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from eijax.cli import MissingInput, UserError
 from eijax.config import MemoryConfig
@@ -223,33 +223,10 @@ def _load_memory_file(stem: Path, memory: MemoryConfig | None, base: str | Path 
     check_compatible(meta, model, None, where)
     patterns = meta["trainable_patterns"]
     current = nnx.to_pure_dict(nnx.state(model, param_filter(patterns)))
-    flat = load_file(where)
-    values = _unflatten({k: v for k, v in flat.items()})
+    values = traverse_util.unflatten_dict(load_file(where), sep=".")
     check_shapes(values, current, where)
     set_params(model, values, patterns)
     return model
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = np.ascontiguousarray(np.asarray(jax.device_get(v), np.float32))
-    return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, v in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 def save_memory_file(model, patterns: Sequence[str], stem: str | Path, base_checkpoint: str,
@@ -259,7 +236,8 @@ def save_memory_file(model, patterns: Sequence[str], stem: str | Path, base_chec
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    values = _flatten(nnx.to_pure_dict(nnx.state(model, param_filter(patterns))))
+    values = {k: np.ascontiguousarray(np.asarray(jax.device_get(v), np.float32)) for k, v in
+              traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, param_filter(patterns))), sep=".").items()}
     save_file(values, str(stem.with_suffix(".safetensors")))
     meta = dict(format=MEMORY_FILE_FORMAT, base_checkpoint=base_checkpoint, arch=arch_fingerprint(model),
                 memory=dataclasses.asdict(model.memory_config), trainable_patterns=list(patterns),

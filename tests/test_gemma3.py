@@ -20,7 +20,8 @@ from flax import nnx
 
 import eijax
 from eijax.config import model_config_from_hf
-from eijax.testing import random_tokens, tiny_eijax_model, tiny_hf_model
+from eijax.testing import (memory_write_reference, padded_inputs, random_tokens, segment_loop, tiny_eijax_model,
+                           tiny_hf_model)
 
 S, L, N_SEG = 3, 6, 4          # tiny gemma3: sliding window 5, so its local layers keep Hn = 4 > S tokens
 N = S + N_SEG * L
@@ -126,36 +127,7 @@ def _model(rule, gate, **mem_kw):
 
 
 def _inputs(seed=0):
-    tokens = jnp.asarray(random_tokens((2, N), seed=seed))
-    valid = np.ones((2, N), bool)
-    valid[1, S + L - 2:S + L] = False   # padding at the end of segment 0 of row 1
-    valid[0, N - 3:] = False            # and at the end of the last segment of row 0
-    return tokens, jnp.asarray(valid)
-
-
-@nnx.jit
-def _prefill(model, state, tokens, valid):
-    return model.prefill(state, tokens, valid)
-
-
-@nnx.jit
-def _step(model, state, tokens, valid):
-    return model.step_segment(state, tokens, valid)
-
-
-def _loop(model, tokens, valid):
-    """Plain Python loop over segments; records each window's k/v before compress."""
-    state = model.init_state(tokens.shape[0])
-    h, state = _prefill(model, state, tokens[:, :S], valid[:, :S])
-    hidden, windows, memories = [h], [], []
-    for s in range(N_SEG):
-        sl = slice(S + s * L, S + (s + 1) * L)
-        memories.append(state.memory)
-        _, full = _prefill(model, state._replace(fill=jnp.asarray(S, jnp.int32)), tokens[:, sl], valid[:, sl])
-        windows.append((np.asarray(full.k[:, :, S:]), np.asarray(full.v[:, :, S:]), np.asarray(valid[:, sl])))
-        h, state = _step(model, state, tokens[:, sl], valid[:, sl])
-        hidden.append(h)
-    return np.concatenate(hidden, axis=1), windows, memories, state
+    return padded_inputs(S, L, N_SEG, seed)
 
 
 @pytest.mark.parametrize("rule,gate", [("linear", "linear"), ("delta", "head_linear")])
@@ -164,23 +136,16 @@ def test_scan_equals_loop_and_memory_only_in_global_layers(rule, gate):
         model = _model(rule, gate)
         tokens, valid = _inputs()
         scanned = np.asarray(nnx.jit(lambda m, t, v: m.forward(t, v))(model, tokens, valid))
-        looped, windows, memories, final = _loop(model, tokens, valid)
+        looped, windows, memories, final = segment_loop(model, tokens, valid)
         np.testing.assert_allclose(scanned, looped, rtol=1e-10, atol=1e-10)
 
         # Global layers: memory == float64 reference over the recorded pre-RoPE window keys.
         # Local layers: memory never written.
-        sig = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
-        eps = model.memory_config.eps
         M, z = np.zeros(final.memory.M.shape), np.zeros(final.memory.z.shape)
         g = ~LOCAL_FLAGS
         for s, (k, v, m) in enumerate(windows):
             np.testing.assert_allclose(memories[s].M, M, rtol=1e-10, atol=1e-12)
-            sk = sig(k) * m[None, :, :, None, None]
-            vv = v * m[None, :, :, None, None]
-            if rule == "delta":
-                vv = vv - np.einsum("nbtkd,nbkde->nbtke", sk, M) / (np.einsum("nbtkd,nbkd->nbtk", sk, z)[..., None] + eps)
-            M = M + np.einsum("nbtkd,nbtke->nbkde", sk, vv) * g[:, None, None, None, None]
-            z = z + sk.sum(axis=2) * g[:, None, None, None]
+            M, z = memory_write_reference(M, z, k, v, m, rule, model.memory_config.eps, layers=g)
         np.testing.assert_allclose(final.memory.M, M, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(final.memory.z, z, rtol=1e-9, atol=1e-12)
         assert np.all(np.asarray(final.memory.M)[LOCAL_FLAGS] == 0) and np.abs(M[g]).max() > 0
@@ -211,8 +176,8 @@ def test_padded_tokens_change_no_output_no_memory_and_no_local_window():
         model = _model("delta", "linear")
         tokens, valid = _inputs()
         junk = jnp.where(valid, tokens, (tokens * 7 + 3) % 97)
-        a, _, _, sa = _loop(model, tokens, valid)
-        b, _, _, sb = _loop(model, junk, valid)
+        a, _, _, sa = segment_loop(model, tokens, valid)
+        b, _, _, sb = segment_loop(model, junk, valid)
         keep = np.asarray(valid)
         np.testing.assert_array_equal(a[keep], b[keep])
         for x, y in [(sa.memory.M, sb.memory.M), (sa.memory.z, sb.memory.z), (sa.local_k, sb.local_k),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import eijax
-from eijax.testing import random_tokens, tiny_eijax_model
+from eijax.testing import memory_write_reference, padded_inputs, random_tokens, segment_loop, tiny_eijax_model
 
 S, L, N_SEG = 3, 6, 4
 N = S + N_SEG * L
@@ -29,43 +29,8 @@ def _model(family, rule, gate, **mem_kw):
     return model
 
 
-@nnx.jit
-def _step(model, state, tokens, valid):
-    return model.step_segment(state, tokens, valid)
-
-
-@nnx.jit
-def _sink(model, state, tokens, valid):
-    return model.prefill(state, tokens, valid)
-
-
-@nnx.jit
-def _prefill_window(model, state, tokens, valid):
-    return model.prefill(state._replace(fill=jnp.asarray(S, jnp.int32)), tokens, valid)
-
-
-def _loop(model, tokens, valid):
-    """Plain Python loop over segments; records the window k/v of every segment before compress."""
-    state = model.init_state(tokens.shape[0])
-    h, state = _sink(model, state, tokens[:, :S], valid[:, :S])
-    hidden, windows, memories = [h], [], []
-    for s in range(N_SEG):
-        sl = slice(S + s * L, S + (s + 1) * L)
-        memories.append(state.memory)
-        _, before_compress = _prefill_window(model, state, tokens[:, sl], valid[:, sl])
-        windows.append((np.asarray(before_compress.k[:, :, S:]), np.asarray(before_compress.v[:, :, S:]),
-                        np.asarray(valid[:, sl])))
-        h, state = _step(model, state, tokens[:, sl], valid[:, sl])
-        hidden.append(h)
-    return np.concatenate(hidden, axis=1), windows, memories, state
-
-
 def _inputs(seed=0):
-    tokens = jnp.asarray(random_tokens((2, N), seed=seed))
-    valid = np.ones((2, N), bool)
-    valid[1, S + L - 2:S + L] = False   # padding at the end of segment 0 of row 1
-    valid[0, N - 3:] = False            # and at the end of the last segment of row 0
-    return tokens, jnp.asarray(valid)
+    return padded_inputs(S, L, N_SEG, seed)
 
 
 @pytest.mark.parametrize("family,rule,gate", CASES)
@@ -74,24 +39,15 @@ def test_scan_equals_python_loop_and_memory_references(family, rule, gate):
         model = _model(family, rule, gate)
         tokens, valid = _inputs()
         scanned = np.asarray(nnx.jit(lambda m, t, v: m.forward(t, v))(model, tokens, valid))
-        looped, windows, memories, final = _loop(model, tokens, valid)
+        looped, windows, memories, final = segment_loop(model, tokens, valid)
         np.testing.assert_allclose(scanned, looped, rtol=1e-10, atol=1e-10)
 
         # Memory after each segment == float64 reference over the recorded pre-RoPE window keys.
-        sig = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
-        eps = model.memory_config.eps
         M = np.zeros(final.memory.M.shape)
         z = np.zeros(final.memory.z.shape)
         for s, (k, v, m) in enumerate(windows):
             np.testing.assert_allclose(memories[s].M, M, rtol=1e-10, atol=1e-12)
-            sk = sig(k) * m[None, :, :, None, None]          # [NL, B, L, Hkv, d]
-            vv = v * m[None, :, :, None, None]
-            if rule == "delta":
-                num = np.einsum("nbtkd,nbkde->nbtke", sk, M)
-                den = np.einsum("nbtkd,nbkd->nbtk", sk, z)[..., None] + eps
-                vv = vv - num / den
-            M = M + np.einsum("nbtkd,nbtke->nbkde", sk, vv)
-            z = z + sk.sum(axis=2)
+            M, z = memory_write_reference(M, z, k, v, m, rule, model.memory_config.eps)
         np.testing.assert_allclose(final.memory.M, M, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(final.memory.z, z, rtol=1e-9, atol=1e-12)
 
@@ -119,8 +75,8 @@ def test_padded_tokens_change_no_output_and_no_memory():
         tokens, valid = _inputs()
         junk = jnp.where(valid, tokens, (tokens * 7 + 3) % 97)
         assert not np.array_equal(np.asarray(junk), np.asarray(tokens))
-        a, _, _, sa = _loop(model, tokens, valid)
-        b, _, _, sb = _loop(model, junk, valid)
+        a, _, _, sa = segment_loop(model, tokens, valid)
+        b, _, _, sb = segment_loop(model, junk, valid)
         keep = np.asarray(valid)
         np.testing.assert_array_equal(a[keep], b[keep])
         np.testing.assert_array_equal(sa.memory.M, sb.memory.M)

@@ -111,18 +111,9 @@ class Filler:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any) -> "Filler":
-        """Cached per tokenizer object (counting the book's sentences takes ~0.5 s)."""
-        try:
-            return _filler_cached(tokenizer)
-        except TypeError:  # an unhashable tokenizer: count every time
-            return cls._count(tokenizer)
-
-    @classmethod
-    def _count(cls, tokenizer: Any) -> "Filler":
+        """Counted once per tokenizer object (counting the book's sentences takes ~0.5 s)."""
         sents = filler_sentences()
-        counts = np.array([len(tokenizer.encode(" " + s, add_special_tokens=False))
-                           for s in sents], np.int64)
-        return cls(sents, counts)
+        return cls(sents, token_counts(sents, tokenizer))
 
     def take(self, start: int, budget: int) -> tuple[list[str], list[int]]:
         """Consecutive sentences from `start` (wrapping) while their tokens fit the budget."""
@@ -138,9 +129,21 @@ class Filler:
         return sents, counts
 
 
-@functools.lru_cache(maxsize=4)
-def _filler_cached(tokenizer: Any) -> Filler:
-    return Filler._count(tokenizer)
+def token_counts(texts: tuple[str, ...], tokenizer: Any) -> np.ndarray:
+    """Tokens of " " + text for each text, cached per (texts, tokenizer object)."""
+    try:
+        return _token_counts_cached(texts, tokenizer)
+    except TypeError:  # an unhashable tokenizer: count every time
+        return _count_tokens(texts, tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_counts_cached(texts: tuple[str, ...], tokenizer: Any) -> np.ndarray:
+    return _count_tokens(texts, tokenizer)
+
+
+def _count_tokens(texts: tuple[str, ...], tokenizer: Any) -> np.ndarray:
+    return np.array([len(tokenizer.encode(" " + t, add_special_tokens=False)) for t in texts], np.int64)
 
 
 @dataclass(frozen=True)
@@ -152,16 +155,7 @@ class WordFiller:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any) -> "WordFiller":
-        try:
-            return _word_filler_cached(tokenizer)
-        except TypeError:  # an unhashable tokenizer: count every time (96 words)
-            return cls._count(tokenizer)
-
-    @classmethod
-    def _count(cls, tokenizer: Any) -> "WordFiller":
-        counts = np.array([len(tokenizer.encode(" " + w, add_special_tokens=False)) for w in _FILLER_WORDS],
-                          np.int64)
-        return cls(_FILLER_WORDS, counts)
+        return cls(_FILLER_WORDS, token_counts(_FILLER_WORDS, tokenizer))
 
     def draw(self, rng: np.random.Generator, budget: int) -> tuple[list[str], list[int]]:
         """Random words (with replacement) while their tokens fit the budget."""
@@ -169,11 +163,6 @@ class WordFiller:
         ids = rng.integers(len(self.words), size=n)
         k = int(np.searchsorted(np.cumsum(self.counts[ids]), budget, side="right"))
         return [self.words[i] for i in ids[:k]], [int(self.counts[i]) for i in ids[:k]]
-
-
-@functools.lru_cache(maxsize=4)
-def _word_filler_cached(tokenizer: Any) -> WordFiller:
-    return WordFiller._count(tokenizer)
 
 
 def _rng(task: str, seed: int, index: int) -> np.random.Generator:

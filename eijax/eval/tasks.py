@@ -36,9 +36,9 @@ class Example:
 def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Sequence[float | None],
                        samples: int, seed: int, max_new_tokens: int = 24) -> list[Example]:
     """`samples` examples per (length, depth); index i shares its key and filler across depths."""
-    from eijax.data.synthetic import Filler, make_sample, score_answer
+    from eijax.data.synthetic import filler_for, make_sample, score_answer
 
-    filler = Filler.for_tokenizer(tokenizer)
+    filler = filler_for(task, tokenizer)
     out = []
     for length in lengths:
         for depth in depths:

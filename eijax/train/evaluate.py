@@ -26,7 +26,8 @@ class Evaluator:
     def __init__(self, model, tokenizer, samples: dict[tuple[str, int], list[dict[str, Any]]],
                  max_new_tokens: int, question_position: str = "last"):
         self.model, self.tokenizer, self.samples = model, tokenizer, samples
-        self.generator = Generator(model, "edgeinfinite")
+        # a memory-off run is scored as it was trained: sink + window ("edgeinfinite" forces memory on)
+        self.generator = Generator(model, "edgeinfinite" if model.memory_config.enabled else "streaming")
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_ids=stop_ids(tokenizer))
         self.parts = {key: [render_parts(as_record(s), tokenizer, question_position) for s in group]
                       for key, group in samples.items()}

@@ -21,8 +21,9 @@ from eijax.train import checkpointing as ckpt
 from eijax.train import sharding as shd
 from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
-from eijax.train.optim import count_params, memory_path_only, learning_rate_schedule, make_optimizer, set_trainable, split_trainable
+from eijax.train.optim import count_params, memory_path_only, learning_rate_schedule, make_optimizer, split_trainable
 from eijax.train.flops import matmul_peak_flops, model_flops_per_token
+from eijax.trained import set_params
 from eijax.train.step import batch_extent, compile_step, jit_train_step, prepare_batch
 
 
@@ -168,7 +169,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
         evaluator = Evaluator(model, tokenizer, samples, config.eval.max_new_tokens, config.data.question_position)
 
     def evaluate(tag: str) -> dict[str, float]:
-        set_trainable(model, trainable, config.optim.trainable)
+        set_params(model, trainable, config.optim.trainable)
         log0(f"evaluating ({tag}) at step {step}:")
         res, rows = evaluator(log0)
         metrics_out.write(step, res, kind=f"eval_{tag}" if tag in ("before", "after") else "eval")

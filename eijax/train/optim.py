@@ -12,16 +12,14 @@ import optax
 from flax import nnx
 
 from eijax.train.config_schema import OptimSection
-from eijax.trained import param_filter, set_params
+from eijax.trained import param_filter
 
 
-trainable_filter = param_filter   # optim.trainable matches whole path elements ("gate", "memory_adapter")
-set_trainable = set_params
 
 
 def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable state, frozen state)."""
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(patterns), ...)
+    graphdef, trainable, frozen = nnx.split(model, param_filter(patterns), ...)  # whole path elements ("gate")
     if not nnx.to_flat_state(trainable):
         raise ValueError(f"optim.trainable={list(patterns)} matches no parameter; gate params live under "
                          "'blocks.gate' (see eijax/layers.py)")

@@ -51,7 +51,8 @@ def prepare_batch(batch: dict[str, np.ndarray], sink: int, window: int,
     used, longest = extent or batch_extent(batch)
     segments = max(1, -(-(used - sink) // window))
     last_start = sink + (segments - 1) * window
-    keep = min(n, last_start + -(-max(used - last_start, 1) // TAIL_MULTIPLE) * TAIL_MULTIPLE)
+    tail = min(window, -(-max(used - last_start, 1) // TAIL_MULTIPLE) * TAIL_MULTIPLE)  # never past the segment
+    keep = min(n, last_start + tail)
     k = _pow2_at_least(longest, MIN_ANSWER_SLOTS)
     index = np.zeros((b, k), np.int32)
     weight = np.zeros((b, k), np.float32)
