@@ -123,5 +123,7 @@ def perplexity_rows(model, tokens: Sequence[int], methods: Sequence[str], *, max
         for seg, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             rows.append(dict(task="ppl", method=method, segment=seg, start=lo + 1, end=hi + 1,
                              length=hi + 1, score=float(np.exp(nll[lo:hi].mean()))))
-        log(f"  {method:12s} perplexity over {len(nll) + 1} tokens in {time.perf_counter() - t0:.1f}s")
+        beyond = nll[mem.cache_size - 1:]  # tokens predicted after the first sink + window
+        log(f"  {method:12s} perplexity over {len(nll) + 1} tokens in {time.perf_counter() - t0:.1f}s; beyond "
+            f"sink + window ({len(beyond)} tokens): {float(np.exp(beyond.mean())) if len(beyond) else float('nan'):.3f}")
     return rows

@@ -72,6 +72,7 @@ class OptimSection:
     clip_norm: float = 1.0             # global-norm clipping; 0 disables
     grad_accum: int = 1                # micro-batches per optimizer step (optax.MultiSteps)
     loss_chunk: int = 0                # tokens per logits chunk in the loss; 0 = memory.window
+    distill_weight: float = 0.0        # + this x KL(full attention || model) on tokens after segment 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +331,7 @@ def _check_consistency(c: Config) -> None:
     need(c.run.steps >= 0, f"run.steps must be >= 0, got {c.run.steps}")
     need(c.optim.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {c.optim.grad_accum}")
     need(c.optim.learning_rate > 0, f"optim.learning_rate must be > 0, got {c.optim.learning_rate}")
+    need(c.optim.distill_weight >= 0, f"optim.distill_weight must be >= 0, got {c.optim.distill_weight}")
     need(len(c.optim.trainable) > 0, "optim.trainable is empty: nothing would train")
     need(c.data.batch_size >= 1, f"data.batch_size must be >= 1, got {c.data.batch_size}")
     need(c.data.buckets == sorted(c.data.buckets) and c.data.buckets[-1] >= c.data.max_segments,

@@ -184,7 +184,8 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
 
     # the step, compiled before the loop
     chunk = config.optim.loss_chunk or config.memory.window
-    step_fn = jit_train_step(graphdef, tx, chunk, shardings, memory_path_only(trainable_state))
+    step_fn = jit_train_step(graphdef, tx, chunk, shardings, memory_path_only(trainable_state),
+                             config.optim.distill_weight)
     compiled: dict[tuple, Any] = {}
     schedule = learning_rate_schedule(config.optim, max(config.run.steps, 1))
     flops_tok = model_flops_per_token(model.config, model.memory_config)
@@ -226,7 +227,9 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
                           token_accuracy=float(np.mean([x["token_accuracy"] for x in m])), answer_tokens=n_tok,
                           tokens_per_s=tok / dt, model_tflops_per_s=tok * flops_tok / dt / 1e12,
                           mfu=tok * flops_tok / dt / peak_flops,
-                          seconds_per_step=dt, **gate_stats(trainable))  # reads only the gate leaves
+                          seconds_per_step=dt, **gate_stats(trainable))
+            if "distill_kl" in m[0]:
+                record["distill_kl"] = float(np.mean([x["distill_kl"] for x in m]))  # reads only the gate leaves
             if step % config.run.log_every == 0 or step == config.run.steps:
                 metrics_out.write(step, record)
             progress.update(1, loss, record["tokens_per_s"], record["learning_rate"])

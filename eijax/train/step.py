@@ -1,6 +1,11 @@
 """The jitted S-SFT train step.
 
-Loss: next-token cross-entropy on answer tokens, averaged over them. The host turns a laid-out batch
+Loss: next-token cross-entropy on answer tokens, averaged over them, plus (optim.distill_weight > 0)
+a dense term: KL(full attention || model) on every token after the first segment, averaged over
+those tokens. The teacher is the same frozen base attending to the whole sequence (memory off,
+one window): so the memory path learns to stand in for the attention to what left the window on
+every token, not only on a handful of answer tokens (RESEARCH.md: with the answer loss alone the
+memory's learning signal is weak and sparse). The host turns a laid-out batch
 into the step's inputs (`prepare_batch`): trailing all-padding slots of the last segment are cut
 (to a multiple of `TAIL_MULTIPLE`), and the answer positions are listed (`loss_index`, padded to a
 power of two), so the lm head runs on the answer tokens only, not on every slot (the vocabulary
@@ -11,6 +16,7 @@ before the loop, and its memory use printed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -68,15 +74,7 @@ def prepare_batch(batch: dict[str, np.ndarray], sink: int, window: int,
 def chunked_cross_entropy(model, hidden: jax.Array, labels: jax.Array, loss_mask: jax.Array,
                           chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sums over masked positions: (cross-entropy, mask count, correct argmax count)."""
-    b, n, d = hidden.shape
-    pad = (-n) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        labels = jnp.pad(labels, ((0, 0), (0, pad)))
-        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-    k = (n + pad) // chunk
-    xs = (hidden.reshape(b, k, chunk, d).swapaxes(0, 1), labels.reshape(b, k, chunk).swapaxes(0, 1),
-          loss_mask.reshape(b, k, chunk).swapaxes(0, 1).astype(jnp.float32))
+    xs = _chunks(chunk, hidden, labels, loss_mask.astype(jnp.float32))
 
     @jax.checkpoint
     def body(carry, x):
@@ -93,33 +91,88 @@ def chunked_cross_entropy(model, hidden: jax.Array, labels: jax.Array, loss_mask
     return ce, cnt, acc
 
 
+def _chunks(chunk: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """[B, N, ...] arrays -> [N/chunk, B, chunk, ...], zero-padded to a multiple of chunk."""
+    n = arrays[0].shape[1]
+    pad = (-n) % chunk
+    out = []
+    for a in arrays:
+        if pad:
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        out.append(a.reshape(a.shape[0], -1, chunk, *a.shape[2:]).swapaxes(0, 1))
+    return tuple(out)
+
+
+def chunked_kl(model, hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.Array,
+               chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Sums over masked positions: (KL(teacher || model) of the next-token distributions, mask count).
+    Chunked under jax.checkpoint like the cross-entropy: no [B, N, V] tensor is kept."""
+    xs = _chunks(chunk, hidden, teacher_hidden, mask.astype(jnp.float32))
+
+    @jax.checkpoint
+    def body(carry, x):
+        h, t, m = x
+        logp = jax.nn.log_softmax(model.logits(h), axis=-1)
+        logq = jax.nn.log_softmax(model.logits(t), axis=-1)
+        kl = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+        total, cnt = carry
+        return (total + jnp.sum(kl * m), cnt + jnp.sum(m)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (total, cnt), _ = jax.lax.scan(body, (zero, zero), xs)
+    return total, cnt
+
+
+def full_attention_hidden(model, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """The frozen base model's hidden states with every token in one window (memory off): the
+    distillation teacher. No gradient flows through it."""
+    from eijax.model import with_memory_config
+
+    full = dataclasses.replace(model.memory_config, enabled=False, sink=0, window=tokens.shape[1], remat="none")
+    return jax.lax.stop_gradient(with_memory_config(model, full).forward(tokens, valid))
+
+
 def loss_fn(trainable: dict, frozen: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array],
-            chunk: int, frozen_local: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean answer-token cross-entropy of a `prepare_batch` batch. `frozen_local`: only memory-path
-    parameters train (see EdgeInfiniteLM.forward), so the backward of the sink and segment 0 is skipped."""
+            chunk: int, frozen_local: bool = False, distill_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean answer-token cross-entropy of a `prepare_batch` batch, plus distill_weight x the mean
+    KL to full attention over tokens after the first segment (see the module docstring).
+    `frozen_local`: only memory-path parameters train (see EdgeInfiniteLM.forward), so the backward
+    of the sink and segment 0 is skipped."""
     model = nnx.merge(graphdef, trainable, frozen)
     hidden = model.forward(batch["tokens"], batch["valid"], frozen_local=frozen_local)
     answer_hidden = jnp.take_along_axis(hidden, batch["loss_index"][..., None], axis=1)  # [B, K, D]
     ce, cnt, acc = chunked_cross_entropy(model, answer_hidden, batch["loss_labels"], batch["loss_weight"],
                                          min(chunk, answer_hidden.shape[1]))
     denom = jnp.maximum(cnt, 1.0)
-    return ce / denom, {"answer_tokens": cnt, "token_accuracy": acc / denom}
+    loss = ce / denom
+    aux = {"answer_tokens": cnt, "token_accuracy": acc / denom}
+    if distill_weight:
+        mem = model.memory_config
+        beyond = batch["valid"] & (jnp.arange(hidden.shape[1]) >= mem.sink + mem.window)[None, :]
+        teacher = full_attention_hidden(model, batch["tokens"], batch["valid"])
+        kl, n_kl = chunked_kl(model, hidden, teacher, beyond, chunk)
+        aux["distill_kl"] = kl / jnp.maximum(n_kl, 1.0)
+        loss = loss + distill_weight * aux["distill_kl"]
+    return loss, aux
 
 
 def train_step(trainable: dict, opt_state: Any, frozen: nnx.State, batch: dict[str, jax.Array], *,
-               graphdef: nnx.GraphDef, tx: optax.GradientTransformation, chunk: int, frozen_local: bool = False):
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation, chunk: int, frozen_local: bool = False,
+               distill_weight: float = 0.0):
     """One micro-step: grads of the trainable params only; the optimizer (maybe MultiSteps) applies them."""
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, chunk,
-                                                                   frozen_local)
+                                                                   frozen_local, distill_weight)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return trainable, opt_state, metrics
 
 
-def jit_train_step(graphdef, tx, chunk: int, shardings: dict[str, Any], frozen_local: bool = False) -> Callable:
+def jit_train_step(graphdef, tx, chunk: int, shardings: dict[str, Any], frozen_local: bool = False,
+                   distill_weight: float = 0.0) -> Callable:
     """jax.jit with explicit shardings; trainable params and optimizer state are donated."""
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, chunk=chunk, frozen_local=frozen_local)
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, chunk=chunk, frozen_local=frozen_local,
+                           distill_weight=distill_weight)
     return jax.jit(fn,
                    in_shardings=(shardings["trainable"], shardings["opt_state"], shardings["frozen"], shardings["batch"]),
                    out_shardings=(shardings["trainable"], shardings["opt_state"], shardings["replicated"]),
