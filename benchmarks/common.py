@@ -38,9 +38,9 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_child(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
-    """Run `python -m module --child ...` in a fresh process; it prints one JSON line last."""
-    cmd = [sys.executable, "-m", module, "--child", *args]
+def run_child(module: str, args: list[str], timeout: float = 1800, flag: str | None = "--child") -> dict[str, Any]:
+    """Run `python -m module <flag> ...` in a fresh process; it prints one JSON line last."""
+    cmd = [sys.executable, "-m", module, *([flag] if flag else []), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]

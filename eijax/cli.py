@@ -94,15 +94,18 @@ def existing_file(path: str | Path, what: str) -> Path:
     return p
 
 
-def enable_compilation_cache() -> None:
+def enable_compilation_cache(min_compile_secs: float = 1.0) -> str | None:
     """JAX's persistent compilation cache for the command-line tools, so a second run (or a resumed
-    training) reuses compiled steps: $EIJAX_COMPILATION_CACHE, default ~/.cache/eijax/jax ('' = off)."""
+    training) reuses compiled steps: $EIJAX_COMPILATION_CACHE, default ~/.cache/eijax/jax ('' = off).
+    Compilations shorter than `min_compile_secs` are not written (generate passes 0: its many small
+    ones add up to seconds of a start). Returns the folder, or None when off."""
     import os
 
     path = os.environ.get("EIJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "eijax" / "jax"))
     if not path:
-        return
+        return None
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    return path

@@ -1,7 +1,7 @@
 """Load the tokenizer of a checkpoint (Hugging Face folder or GGUF file), offline only.
 
-Gemma 3 GGUFs: transformers rebuilds the merges of the 262K-token vocabulary (the file has none),
-which takes 30-60 s, so the converted tokenizer is saved once under the eijax cache folder
+GGUFs: transformers converts the vocabulary on every load (Gemma 3's 262K tokens without merges
+take 30-60 s, SmolLM2's several seconds), so the converted tokenizer is saved once under the eijax cache folder
 (`registry.cache_dir()`, keyed by the file's path, size, mtime and the transformers version) and
 reloaded from there (about 5 s). A Gemma 3 GGUF without a chat template (gemma-3-270m, the base
 model, has none) gets Gemma 3's own template (as in google/gemma-3-*'s tokenizer_config.json).
@@ -70,8 +70,6 @@ GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
     {{'<start_of_turn>model\n'}}
 {%- endif -%}
 """
-# GGUF architectures whose converted tokenizer is cached (slow to rebuild: no merges in the file)
-_CACHED_ARCHITECTURES = frozenset({"gemma3"})
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -107,16 +105,17 @@ def _gguf_tokenizer(path: Path):
 
     meta = read_gguf_metadata(path, ["general.architecture", "tokenizer.chat_template"])
     architecture = meta.get("general.architecture")
-    cached = _tokenizer_cache_folder(path) if architecture in _CACHED_ARCHITECTURES else None
-    if cached is not None and (cached / "tokenizer.json").is_file():
+    # Every GGUF's converted tokenizer is cached: Gemma 3's takes 30-60 s to rebuild (no merges in
+    # the file), and even SmolLM2's ~5-10 s would be most of a generate start.
+    cached = _tokenizer_cache_folder(path)
+    if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached, local_files_only=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(
         path.parent, gguf_file=path.name, local_files_only=True, trust_remote_code=False)
     _isolate_digits_like_llama_cpp(tokenizer, path)
     if architecture == "gemma3" and not meta.get("tokenizer.chat_template"):
         tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    if cached is not None:
-        _save_to_cache(tokenizer, cached)
+    _save_to_cache(tokenizer, cached)
     return tokenizer
 
 

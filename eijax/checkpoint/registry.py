@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from eijax.checkpoint.gguf_file import read_gguf
 from eijax.checkpoint.hf_folder import read_hf_folder
+from eijax.checkpoint.weight_cache import read_gguf_cached
 from eijax.cli import InputError, MissingInput
 
 
@@ -50,6 +50,15 @@ def cache_dir() -> Path:
     if os.environ.get("EIJAX_CACHE"):
         return Path(os.environ["EIJAX_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "eijax"
+
+
+def weight_cache_dir() -> Path | None:
+    """Where dequantised GGUF weights are cached (`weight_cache`): $EIJAX_WEIGHT_CACHE, else
+    cache_dir()/weights; None when EIJAX_WEIGHT_CACHE is set to the empty string (cache off)."""
+    folder = os.environ.get("EIJAX_WEIGHT_CACHE")
+    if folder is None:
+        return cache_dir() / "weights"
+    return Path(folder).expanduser() if folder else None
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -132,10 +141,11 @@ def _assembled_model_path(name: str, model: PackagedModel) -> Path:
 
 
 def read_checkpoint(name_or_path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(Hugging Face config dict, {HF tensor name: array}) from a name, a .gguf file or an HF folder."""
+    """(Hugging Face config dict, {HF tensor name: array}) from a name, a .gguf file or an HF folder.
+    A GGUF's dequantised tensors are cached (see `weight_cache_dir`): its second load reads them back."""
     path = resolve_model(name_or_path)
     if path.is_dir():
         return read_hf_folder(path)
     if path.suffix.lower() == ".gguf":
-        return read_gguf(path)
+        return read_gguf_cached(path, weight_cache_dir())
     raise InputError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
