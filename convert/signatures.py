@@ -7,9 +7,15 @@ feeds outputs straight back in):
     valid                     bool [B, C]     slot holds a real token
     fill                      int32 [1]       next free slot
     written                   bool [B]        memory holds something (else the gate is bypassed)
+  models with local (sliding-window) layers (Gemma 3) only:
+    local_k_{i}, local_v_{i}  float32 [B, Hn, Hkv, d]  local layer i's history (Hn = sliding_window - 1)
+    local_valid               bool [B, Hn]
+  and mem_M_{i}, mem_z_{i} only for their global layers (a local layer has no memory).
 prefill_T(tokens int32 [B, T], n_valid int32 [B], **state) -> logits [B, V] of each row's last
-valid token + the new state; decode(tokens [B, 1], **state) -> the same; compress(**state) ->
-only what compress changes (memory, valid, fill, written), so the caches are not copied.
+valid token + the new state, less the local history (which only compress changes); decode(tokens
+[B, 1], **state) -> the same; compress(**state) -> only what compress changes (memory, history,
+valid, fill, written), so the caches are not copied. A runner keeps the state tensors a signature
+does not return (convert.litert_runtime merges outputs into the state it holds).
 The caller keeps fill + T <= C: the cache write is a DYNAMIC_UPDATE_SLICE, which clamps.
 """
 
@@ -21,35 +27,39 @@ from torch import nn
 from convert.torch_model import EdgeInfiniteTorch, State
 
 
-def state_names(n_layers: int, memory: bool) -> list[str]:
-    names = [f"{kind}_{i}" for i in range(n_layers) for kind in ("k_cache", "v_cache")]
-    if memory:
-        names += [f"{kind}_{i}" for i in range(n_layers) for kind in ("mem_M", "mem_z")]
-    return names + ["valid", "fill", "written"]
-
-
 def flatten_state(state: State, memory: bool) -> dict[str, torch.Tensor]:
+    """State -> named tensors. Memory only for layers that have it (memory on, no local history)."""
     out: dict[str, torch.Tensor] = {}
+    history = state.local_k or [None] * len(state.k)
     for i in range(len(state.k)):
         out[f"k_cache_{i}"], out[f"v_cache_{i}"] = state.k[i], state.v[i]
-        if memory:
+        if memory and history[i] is None:
             out[f"mem_M_{i}"], out[f"mem_z_{i}"] = state.M[i], state.z[i]
+        if history[i] is not None:
+            out[f"local_k_{i}"], out[f"local_v_{i}"] = state.local_k[i], state.local_v[i]
     out.update(valid=state.valid, fill=state.fill.reshape(1), written=state.written)
+    if state.local_valid is not None:
+        out["local_valid"] = state.local_valid
     return out
 
 
 def unflatten_state(flat: dict, model: EdgeInfiniteTorch) -> State:
-    """Named tensors -> State. Without memory, M and z are zeros that nothing reads."""
-    n, memory = model.config.n_layers, model.memory_config.enabled
-    b = flat["valid"].shape[0]
-    if memory:
-        M = [flat[f"mem_M_{i}"] for i in range(n)]
-        z = [flat[f"mem_z_{i}"] for i in range(n)]
-    else:
-        empty = model.init_state(b)
-        M, z = empty.M, empty.z
+    """Named tensors -> State. Memory a layer does not have is zeros that nothing reads."""
+    cfg, b = model.config, flat["valid"].shape[0]
+    n, hkv, d = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    M = [flat[f"mem_M_{i}"] if f"mem_M_{i}" in flat else torch.zeros(b, hkv, d, d) for i in range(n)]
+    z = [flat[f"mem_z_{i}"] if f"mem_z_{i}" in flat else torch.zeros(b, hkv, d) for i in range(n)]
+    local = {}
+    if "local_valid" in flat:
+        local = dict(local_k=[flat.get(f"local_k_{i}") for i in range(n)],
+                     local_v=[flat.get(f"local_v_{i}") for i in range(n)], local_valid=flat["local_valid"])
     return State(k=[flat[f"k_cache_{i}"] for i in range(n)], v=[flat[f"v_cache_{i}"] for i in range(n)],
-                 M=M, z=z, valid=flat["valid"], fill=flat["fill"].reshape(()), written=flat["written"])
+                 M=M, z=z, valid=flat["valid"], fill=flat["fill"].reshape(()), written=flat["written"], **local)
+
+
+def _without_history(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prefill and decode leave the local history as it is: not returned, so not copied."""
+    return {k: v for k, v in flat.items() if not k.startswith(("local_k_", "local_v_", "local_valid"))}
 
 
 def last_valid_logits(model: EdgeInfiniteTorch, hidden: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
@@ -68,7 +78,8 @@ class Prefill(nn.Module):
         m = self.model
         valid = torch.arange(tokens.shape[1], dtype=torch.int32)[None, :] < n_valid[:, None]
         hidden, new = m.prefill(unflatten_state(state, m), tokens, valid)
-        return {"logits": last_valid_logits(m, hidden, n_valid), **flatten_state(new, m.memory_config.enabled)}
+        return {"logits": last_valid_logits(m, hidden, n_valid),
+                **_without_history(flatten_state(new, m.memory_config.enabled))}
 
 
 class Decode(nn.Module):
@@ -79,7 +90,7 @@ class Decode(nn.Module):
     def forward(self, tokens: torch.Tensor, **state: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
         hidden, new = m.prefill(unflatten_state(state, m), tokens)
-        return {"logits": m.logits(hidden[:, 0]), **flatten_state(new, m.memory_config.enabled)}
+        return {"logits": m.logits(hidden[:, 0]), **_without_history(flatten_state(new, m.memory_config.enabled))}
 
 
 class Compress(nn.Module):

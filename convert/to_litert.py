@@ -129,13 +129,19 @@ def calibrate(float_path: Path, rules: list[dict], calibration: dict[str, list[d
     activations are ~1e4 on SmolLM2 against ~1-30 elsewhere; an average shrinks that range and
     every fresh prefill then clips it (measured: next-token agreement 0.54 -> 0.94 for the same
     recipe on SmolLM2, qa scenario).
+
+    The ranges are tracked by the interpreter's own profiler (CALIBRATION_PROFILER_BASED), not by
+    the default mode that preserves every intermediate tensor and copies them into Python: same
+    ranges (the tiny gemma3's static_a16w8 graph came out byte-identical), and the default mode
+    held more than 15 GB on gemma-3-270m before it was stopped.
     """
     from ai_edge_quantizer import calibrator, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils
 
     manager = recipe_manager.RecipeManager()
     manager.load_quantization_recipe(rules)
-    calib = calibrator.Calibrator(str(float_path), qsv_update_func=qsv_utils.min_max_update)
+    calib = calibrator.Calibrator(str(float_path), mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED,
+                                  qsv_update_func=qsv_utils.min_max_update)
     calib.calibrate(calibration, manager)
     return calib.get_model_qsvs()
 
@@ -193,10 +199,12 @@ def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir
         export_float(model, scenario, float_path, meta)
         log(f"[{FLOAT}] converted in {time.perf_counter() - t0:.1f}s, peak RSS {peak_rss_mib():.0f} MiB")
     paths = {FLOAT: float_path}
+    config = model.config
+    del model  # quantisation needs the graph only: free the weights (1 GB for gemma-3-270m) first
 
     @functools.cache
     def calibration() -> dict[str, list[dict]]:  # recorded once, for the first recipe that needs it
-        prompts = calibration_prompts(try_load_tokenizer(tok_source), model.config.vocab_size,
+        prompts = calibration_prompts(try_load_tokenizer(tok_source), config.vocab_size,
                                       length=calibration_length or 2 * scenario.cache_size)
         return calibration_data(float_path, prompts)
 
@@ -217,7 +225,7 @@ def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir
     log("on-device memory budget (MiB; state = kv cache + memory, counted twice for input and output buffers):")
     log(f"  {'recipe':18s} {'weights':>9s} {'kv cache':>9s} {'memory':>9s} {'activ.':>9s} {'total':>9s}")
     for name, path in paths.items():
-        b = budget(model.config, scenario, path.stat().st_size)
+        b = budget(config, scenario, path.stat().st_size)
         log(f"  {name:18s} " + " ".join(f"{v / 2**20:9.1f}" for v in
                                          (b.weights, b.kv_cache, b.memory_state, b.activations, b.total)))
     return paths

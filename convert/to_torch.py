@@ -103,7 +103,7 @@ def load_torch(folder: str | Path, memory: MemoryConfig | None = None, cache_wri
     config = model_config_from_hf(json.loads((folder / "config.json").read_text()))
     twin = EdgeInfiniteTorch(config, export_memory_config(folder, memory), cache_write=cache_write)
     hf = load_file(str(folder / "model.safetensors"))
-    block_names, top_names = hf_tensor_names()
+    block_names, top_names = hf_tensor_names(config.family)
     tensors = dict(load_file(str(folder / GATE_FILE)))
     for (sub, (pattern, transpose)) in block_names.items():
         for i in range(config.n_layers):

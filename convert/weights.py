@@ -107,7 +107,15 @@ def to_eijax(twin: EdgeInfiniteTorch) -> EdgeInfiniteLM:
 
 # ------------------------------------------------------------------------------ state
 def state_to_jax(state: TorchState) -> JaxState:
+    """The twin's state as eijax's. A global layer keeps no local history in the twin: its rows of
+    local_k / local_v are zeros here (eijax carries them along, never reads them)."""
     stack = lambda xs: jnp.asarray(np.stack([x.detach().numpy() for x in xs]))
+    local = {}
+    if state.local_valid is not None:
+        like = next(h for h in state.local_k if h is not None)
+        filled = lambda xs: stack([torch.zeros_like(like) if x is None else x for x in xs])
+        local = dict(local_k=filled(state.local_k), local_v=filled(state.local_v),
+                     local_valid=jnp.asarray(state.local_valid.numpy()))
     return JaxState(k=stack(state.k), v=stack(state.v), valid=jnp.asarray(state.valid.numpy()),
                     fill=jnp.asarray(int(state.fill), jnp.int32), memory=Memory(M=stack(state.M), z=stack(state.z)),
-                    written=jnp.asarray(state.written.numpy()))
+                    written=jnp.asarray(state.written.numpy()), **local)

@@ -98,6 +98,16 @@ def test_budget_is_fixed_by_the_scenario():
     assert off.memory_state == 0
 
 
+def test_budget_of_gemma3_counts_local_history_and_global_memory_only():
+    cfg = eijax.model_config_from_hf(dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640,
+                                          num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
+                                          head_dim=256, intermediate_size=2048, sliding_window=512))
+    b = budget(cfg, Scenario("x", sink=64, window=512, prefill_chunks=(128,)))
+    assert b.kv_cache == 2 * (18 * 576 + 15 * 511) * 256 * 4  # 15 local layers keep 511 tokens each
+    assert b.memory_state == 3 * (256 * 256 + 256) * 4       # memory in the 3 global layers only
+    assert abs(b.weights / 4 - 268.2e6) < 1e6                # gemma-3-270m + gate, float32
+
+
 # ------------------------------------------------------------------ slow: conversions
 def _jax_steps(model, calls, tokens):
     """[(chunk [1, size] int32, n valid, logits, eijax state)] per call; (None, 0, None, state) for a compress."""
@@ -129,13 +139,14 @@ CALLS = [(8, 8), (8, 8), (4, 4), "compress", (8, 8), (5, 8), (1, 1), (1, 1), (1,
          (3, 4), (8, 8), (1, 1), (4, 4), "compress", (1, 1), (1, 1)]
 
 
-@pytest.mark.slow
-def test_litert_float_matches_torch_and_jax(exported):
+def _replay(model, path) -> tuple[dict, int]:
+    """The float graph at `path` == the PyTorch twin == eijax over CALLS: logits of every call, the
+    slots, the memory and (models with local layers) each local layer's history, after every call
+    and compress. Returns (final LiteRT state, number of calls whose logits were compared)."""
     from convert.litert_runtime import LiteRTModel
     from convert.weights import to_torch
 
-    model, paths = exported
-    lite = LiteRTModel(paths["float32"])
+    lite = LiteRTModel(path)
     twin = to_torch(model, model.memory_config)
     tokens = random_tokens((60,), vocab=VOCAB, seed=7)
     state, tstate, checked = lite.init_state(), twin.init_state(1), 0
@@ -153,11 +164,38 @@ def test_litert_float_matches_torch_and_jax(exported):
         assert int(state["fill"][0]) == int(tstate.fill)
         _assert_same_slots(state, jax_state)
         np.testing.assert_array_equal(state["written"], np.asarray(jax_state.written))
-        for i in range(model.config.n_layers):
-            for name, ref in ((f"mem_M_{i}", jax_state.memory.M[i]), (f"mem_z_{i}", jax_state.memory.z[i])):
-                ref = np.asarray(ref)
-                assert np.abs(state[name] - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
+        if "local_valid" in state:
+            np.testing.assert_array_equal(state["local_valid"], np.asarray(jax_state.local_valid))
+        references = {"mem_M": jax_state.memory.M, "mem_z": jax_state.memory.z, "local_k": jax_state.local_k,
+                      "local_v": jax_state.local_v}
+        for name, value in state.items():
+            kind, _, layer = name.rpartition("_")
+            if kind in references:
+                ref = np.asarray(references[kind][int(layer)])
+                assert np.abs(value - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0), name
+    return state, checked
+
+
+@pytest.mark.slow
+def test_litert_float_matches_torch_and_jax(exported):
+    model, paths = exported
+    state, checked = _replay(model, paths["float32"])
     assert checked == 14 and bool(state["written"][0])
+
+
+@pytest.mark.slow
+def test_gemma3_litert_float_matches_torch_and_jax(tmp_path):
+    """Gemma 3 (local, global, local layers; sliding window 5): memory in the global layer only, the
+    local layers' 4-token history crosses the graph boundary and is rolled by `compress`."""
+    from convert.to_litert import export_float
+
+    model = tiny_eijax_model("gemma3", eijax.MemoryConfig(sink=4, window=16, adapter=True))
+    randomise_memory_path(model)
+    scenario = Scenario("tiny", sink=4, window=16, prefill_chunks=(8, 4))
+    state, checked = _replay(model, export_float(model, scenario, tmp_path / "gemma3.tflite"))
+    assert {name for name in state if name.startswith(("mem_", "local_"))} == {
+        "mem_M_1", "mem_z_1", "local_k_0", "local_v_0", "local_k_2", "local_v_2", "local_valid"}
+    assert checked == 14 and bool(state["written"][0]) and state["local_valid"].all()
 
 
 @pytest.mark.slow
@@ -214,17 +252,8 @@ def test_memory_off_graph_matches_jax_streaming(tmp_path):
 
     model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, enabled=False))
     scenario = Scenario("off", sink=4, window=16, prefill_chunks=(8, 4), memory=False)
-    lite = LiteRTModel(export_float(model, scenario, tmp_path / "off.tflite"))
-    assert not any(name.startswith("mem_") for name in lite.state_specs)
-    tokens = random_tokens((60,), vocab=VOCAB, seed=5)
-    state = lite.init_state()
-    for chunk, n, jax_logits, jax_state in _jax_steps(model, CALLS, tokens):
-        if chunk is None:
-            state = lite.compress(state)
-        else:
-            logits, state = lite.prefill(state, chunk, np.array([n], np.int32))
-            assert np.abs(logits - jax_logits).max() / np.abs(jax_logits).max() < 1e-4
-        _assert_same_slots(state, jax_state)
+    state, checked = _replay(model, export_float(model, scenario, tmp_path / "off.tflite"))
+    assert not any(name.startswith("mem_") for name in state) and checked == 14
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""convert/ part 1: the PyTorch twin (DESIGN §2.5, JAX == PyTorch) and the Hugging Face export."""
+"""convert/ part 1: the PyTorch twin (DESIGN §2.5, JAX == PyTorch) and the Hugging Face export,
+for every family (the `family` fixture); gemma3's twin also carries its local layers' own window."""
 
 from __future__ import annotations
 
@@ -12,23 +13,12 @@ import torch
 from flax import nnx
 
 import eijax
-from eijax.testing import FAMILIES, random_tokens, randomise_memory_path, tiny_eijax_model, tiny_hf_model
+from eijax.testing import random_tokens, randomise_memory_path, tiny_eijax_model, tiny_hf_model
 
 from convert.loading import load_model
 from convert.signatures import Compress, Decode, Prefill, flatten_state
 from convert.to_torch import export_folder, load_torch
 from convert.weights import state_to_jax, to_eijax, to_torch
-
-
-@pytest.fixture(params=[f for f in FAMILIES if f != "gemma3"])
-def family(request) -> str:
-    """convert/ has no gemma3 twin yet (see test_gemma3_is_refused_clearly)."""
-    return request.param
-
-
-def test_gemma3_is_refused_clearly():
-    with pytest.raises(ValueError, match="gemma3 family has no PyTorch twin"):
-        to_torch(tiny_eijax_model("gemma3", eijax.MemoryConfig(sink=4, window=8)))
 
 
 def _params(model) -> list[np.ndarray]:
@@ -55,6 +45,10 @@ def _rel(a, b) -> float:
 
 def _assert_states_close(jax_state, torch_state, tol=1e-5):
     other = state_to_jax(torch_state)
+    if jax_state.local_k is not None:  # a global layer's history rows: eijax rolls them unread, the twin keeps none
+        local = np.array([h is not None for h in torch_state.local_k])
+        hide = lambda a: jnp.where(local.reshape(-1, 1, 1, 1, 1), a, 0)
+        jax_state = jax_state._replace(local_k=hide(jax_state.local_k), local_v=hide(jax_state.local_v))
     assert int(other.fill) == int(jax_state.fill)
     np.testing.assert_array_equal(np.asarray(other.valid), np.asarray(jax_state.valid))
     np.testing.assert_array_equal(np.asarray(other.written), np.asarray(jax_state.written))
@@ -67,9 +61,10 @@ _compress = nnx.jit(lambda m, s: m.compress(s))
 
 
 @pytest.mark.parametrize("family,rule,adapter", [("llama", "linear", False), ("qwen2", "delta", False),
-                                                ("qwen3", "delta", True)])
+                                                ("qwen3", "delta", True), ("gemma3", "delta", True)])
 def test_torch_twin_matches_jax_over_segments(family, rule, adapter):
-    """Sink, chunked segments with padding, three compresses, then decode steps (batch 2)."""
+    """Sink, chunked segments with padding, three compresses, then decode steps (batch 2). gemma3:
+    memory in its global layer, the local layers' history (4 tokens) rolled at every compress."""
     mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter)
     model = tiny_eijax_model(family, mem)
     randomise_memory_path(model)
@@ -101,6 +96,8 @@ def test_torch_twin_matches_jax_over_segments(family, rule, adapter):
         _assert_states_close(js, ts)
         pos += 8
     assert bool(np.asarray(js.written).all())
+    if family == "gemma3":
+        assert bool(np.asarray(js.local_valid).all()) and not any(m.abs().max() for m in ts.M[::2])  # local: no memory
     for _ in range(4):
         step(tokens[:, pos:pos + 1])
         pos += 1
@@ -120,11 +117,15 @@ def test_signature_wrappers_match_model(family):
         hidden, ref = twin.prefill(state, tokens[:, :8], valid)
         np.testing.assert_allclose(out["logits"].numpy(), twin.logits(hidden[:, 5]).numpy(), rtol=1e-6, atol=1e-6)
         assert int(out["fill"][0]) == int(ref.fill) == 6
-        flat = {k: v for k, v in out.items() if k != "logits"}
+        flat = {**flat, **{k: v for k, v in out.items() if k != "logits"}}  # the runner keeps what is not returned
         dec = Decode(twin)(tokens[:, 8:9], **flat)
         assert int(dec["fill"][0]) == 7
-        comp = Compress(twin)(**{k: v for k, v in dec.items() if k != "logits"})
-        assert set(comp) == {*(f"mem_{m}_{i}" for m in "Mz" for i in range(2)), "valid", "fill", "written"}
+        comp = Compress(twin)(**{**flat, **{k: v for k, v in dec.items() if k != "logits"}})
+        local = twin.config.local_layers or (False,) * twin.config.n_layers
+        history = {f"local_{m}_{i}" for m in "kv" for i, is_local in enumerate(local) if is_local}
+        memory = {f"mem_{m}_{i}" for m in "Mz" for i, is_local in enumerate(local) if not is_local}
+        assert set(comp) == {*memory, *history, *(["local_valid"] if history else []), "valid", "fill", "written"}
+        assert not history & set(out)  # prefill and decode leave the history as it is
         assert int(comp["fill"][0]) == 4 and bool(comp["written"][0])
         assert not comp["valid"][0, 4:].any() and comp["valid"][0, :4].all()
 
