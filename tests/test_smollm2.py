@@ -112,7 +112,7 @@ def test_shipped_memory_recalls_what_left_the_window():
         graphdef, params = nnx.split(m)
         return float(loss_fn(params, nnx.State({}), graphdef, batch, chunk=64)[0])
 
-    batches = _passkey_batches(6, 900, mem.sink, mem.window, seed=9090)
+    batches = _passkey_batches(3, 900, mem.sink, mem.window, seed=9090)
     with_memory = np.mean([answer_loss(model, b) for b in batches])
     without = np.mean([answer_loss(streaming, b) for b in batches])
     print(f"answer cross-entropy: memory {with_memory:.3f}, sink + window {without:.3f}")
