@@ -185,17 +185,6 @@ def test_padded_tokens_change_no_output_no_memory_and_no_local_window():
             np.testing.assert_array_equal(x, y)
 
 
-def test_empty_memory_bypasses_gate_exactly():
-    with jax.enable_x64(True):
-        model = _model("linear", "linear")
-        plain = tiny_eijax_model("gemma3", eijax.MemoryConfig(sink=S, window=L, enabled=False), dtype="float64")
-        tokens, valid = _inputs()
-        fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
-        a, b = np.asarray(fwd(model, tokens, valid)), np.asarray(fwd(plain, tokens, valid))
-        np.testing.assert_array_equal(a[:, :S + L], b[:, :S + L])   # sink and segment 0
-        assert not np.allclose(a[:, S + L:], b[:, S + L:])          # memory is read from segment 1 on
-
-
 def test_gradients_reach_global_gates_only_and_match_finite_differences():
     with jax.enable_x64(True):
         model = _model("delta", "linear", remat="segment")

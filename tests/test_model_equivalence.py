@@ -83,11 +83,12 @@ def test_padded_tokens_change_no_output_and_no_memory():
         np.testing.assert_array_equal(sa.memory.z, sb.memory.z)
 
 
-def test_empty_memory_bypasses_gate_exactly():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: memory in its global layers only
+def test_empty_memory_bypasses_gate_exactly(family):
     """Until something is written, outputs equal the memory-free model whatever the gate weights."""
     with jax.enable_x64(True):
-        model = _model("llama", "linear", "linear")
-        plain = tiny_eijax_model("llama", eijax.MemoryConfig(sink=S, window=L, enabled=False), dtype="float64")
+        model = _model(family, "linear", "linear")
+        plain = tiny_eijax_model(family, eijax.MemoryConfig(sink=S, window=L, enabled=False), dtype="float64")
         tokens, valid = _inputs()
         fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
         a, b = np.asarray(fwd(model, tokens, valid)), np.asarray(fwd(plain, tokens, valid))

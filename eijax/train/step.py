@@ -26,6 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from eijax.model import with_memory_config
+
 TAIL_MULTIPLE = 64   # the last segment is cut to a multiple of this many slots
 MIN_ANSWER_SLOTS = 16
 
@@ -126,8 +128,6 @@ def chunked_kl(model, hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.Ar
 def full_attention_hidden(model, tokens: jax.Array, valid: jax.Array) -> jax.Array:
     """The frozen base model's hidden states with every token in one window (memory off): the
     distillation teacher. No gradient flows through it."""
-    from eijax.model import with_memory_config
-
     full = dataclasses.replace(model.memory_config, enabled=False, sink=0, window=tokens.shape[1], remat="none")
     return jax.lax.stop_gradient(with_memory_config(model, full).forward(tokens, valid))
 
