@@ -12,6 +12,8 @@ Both give the same loss (checked here). FLOPs counted are only those a step need
 head over answer tokens), the same count for both, so the fraction of peak is comparable.
 
     python -m benchmarks.ssft_step                  # ~5 minutes on 2 cores
+    python -m benchmarks.ssft_step memory.adapter=false "optim.trainable=[gate]" memory.rule=linear \
+        optim.distill_weight=0 data.context_lengths=[700]    # the gate-only step issue 9 measured
     python -m benchmarks.ssft_step --batches 2 --repeats 1 key=value ...   # config overrides
 """
 
@@ -40,7 +42,7 @@ def before_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 loss_labels=local["labels"].astype(np.int32), loss_weight=local["loss_mask"].astype(np.float32))
 
 
-def grad_step(model, patterns, chunk: int, skip_frozen: bool):
+def grad_step(model, patterns, chunk: int, skip_frozen: bool, distill_weight: float):
     from eijax.train.optim import memory_path_only, split_trainable
 
     graphdef, trainable, frozen = split_trainable(model, patterns)
@@ -50,7 +52,7 @@ def grad_step(model, patterns, chunk: int, skip_frozen: bool):
     @jax.jit
     def step(trainable, frozen, batch):
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, graphdef, batch, chunk,
-                                                                     frozen_local)
+                                                                     frozen_local, distill_weight)
         return loss, grads
 
     return step, trainable, frozen
@@ -90,13 +92,16 @@ def main() -> None:
     raw = [next(it) for _ in range(a.batches)]
     real = sum(int(r["valid"].sum()) for r in raw)
     after = [prepare_batch(r, mem.sink, mem.window) for r in raw]
+    w = config.optim.distill_weight
+    beyond = lambda b: int((b["valid"][:, mem.sink + mem.window:]).sum()) if w else 0  # tokens the KL covers
     needed = sum(step_flops(model.config, mem, b["tokens"].shape[1] * b["tokens"].shape[0],
-                            int(b["loss_weight"].sum())) for b in after)
+                            int(b["loss_weight"].sum()), beyond(b)) for b in after)
     peak = matmul_peak_flops()
     chunk = config.optim.loss_chunk or mem.window
     print(f"{config.model_name}, sink {mem.sink}, window {mem.window}, batch {config.data.batch_size}, "
           f"{a.batches} batches: {real} real tokens, slots {sum(r['tokens'].size for r in raw)} (before) / "
-          f"{sum(b['tokens'].size for b in after)} (after); trainable {list(config.optim.trainable)}")
+          f"{sum(b['tokens'].size for b in after)} (after); trainable {list(config.optim.trainable)}, "
+          f"rule {mem.rule}, distill_weight {w}")
     print(f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s; FLOPs a pass needs {needed / 1e9:.1f} G; "
           f"remat auto -> {mem.resolved_remat()!r} on {jax.default_backend()}")
     rows = {}
@@ -105,7 +110,7 @@ def main() -> None:
     for name, m, batches, skip_frozen in variants:
         from eijax.model import with_memory_config
 
-        step, trainable, frozen = grad_step(with_memory_config(model, m), config.optim.trainable, chunk, skip_frozen)
+        step, trainable, frozen = grad_step(with_memory_config(model, m), config.optim.trainable, chunk, skip_frozen, w)
         secs, losses = measure(step, trainable, frozen, batches, a.repeats)
         rows[name] = (secs, losses)
         print(f"{name:>7}: {secs:7.2f} s per pass, {real / secs:7.1f} real tokens/s, "

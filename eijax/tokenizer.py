@@ -85,11 +85,12 @@ def load_tokenizer(name_or_path: str | Path):
 def _load_tokenizer_cached(path: Path):
     if path.suffix.lower() == ".gguf":
         check_gguf(path)  # transformers' own reader fails on a cut-off file with a bare struct/numpy error
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, only when used
+    from transformers import PreTrainedTokenizerFast  # heavy import, only when used
 
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
             raise MissingInput(f"No tokenizer.json in {path}")
+        from transformers import AutoTokenizer  # a folder's own tokenizer class may add behaviour
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     elif path.suffix.lower() == ".gguf":
         tokenizer = _gguf_tokenizer(path)
@@ -101,15 +102,18 @@ def _load_tokenizer_cached(path: Path):
 
 
 def _gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     meta = read_gguf_metadata(path, ["general.architecture", "tokenizer.chat_template"])
     architecture = meta.get("general.architecture")
     # Every GGUF's converted tokenizer is cached: Gemma 3's takes 30-60 s to rebuild (no merges in
     # the file), and even SmolLM2's ~5-10 s would be most of a generate start.
     cached = _tokenizer_cache_folder(path)
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cached, local_files_only=True, trust_remote_code=False)
+        # the generic fast class: AutoTokenizer imports torch (~4 s of a generate start) and the
+        # folder is one we wrote (encodings, chat template and special ids are the same, tested)
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True, trust_remote_code=False)
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(
         path.parent, gguf_file=path.name, local_files_only=True, trust_remote_code=False)
     _isolate_digits_like_llama_cpp(tokenizer, path)

@@ -213,12 +213,17 @@ def _read_memory_meta(stem: Path) -> dict[str, Any]:
 
 
 def _load_memory_file(stem: Path, memory: MemoryConfig | None, base: str | Path | None):
-    from safetensors.numpy import load_file
-
     from eijax.pretrained import load_pretrained
 
     meta = _read_memory_meta(stem)
     model = load_pretrained(base or meta["base_checkpoint"], trained_memory(MemoryConfig(**meta["memory"]), memory))
+    _set_from_memory_file(model, stem, meta)
+    return model
+
+
+def _set_from_memory_file(model, stem: Path, meta: dict[str, Any]) -> list[str]:
+    from safetensors.numpy import load_file
+
     where = str(stem.with_suffix(".safetensors"))
     check_compatible(meta, model, None, where)
     patterns = meta["trainable_patterns"]
@@ -226,7 +231,30 @@ def _load_memory_file(stem: Path, memory: MemoryConfig | None, base: str | Path 
     values = traverse_util.unflatten_dict(load_file(where), sep=".")
     check_shapes(values, current, where)
     set_params(model, values, patterns)
-    return model
+    return patterns
+
+
+def init_from_trained(model, source: str | Path) -> list[str]:
+    """Warm start: put the trained memory-path params of `source` into `model` in place (the model's
+    memory rule, gate and adapter must be the ones they were trained with). Returns their patterns."""
+    stem = memory_file_stem(source)
+    if stem is not None:
+        meta = _read_memory_meta(stem)
+    elif (ckpt_dir := training_checkpoint_dir(source)) is not None:
+        meta = read_training_meta(ckpt_dir)
+    else:
+        raise MissingInput(f"{str(source)!r} is neither a packaged memory name, a memory file nor a training run")
+    saved = MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
+    have = model.memory_config
+    diff = [f"{k}: {getattr(saved, k)!r} vs {getattr(have, k)!r}" for k in ("rule", "gate", "adapter")
+            if getattr(saved, k) != getattr(have, k)]
+    if diff:
+        raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
+                                 f"(trained vs run: {', '.join(diff)})")
+    if stem is not None:
+        return _set_from_memory_file(model, stem, meta)
+    restore_params(model, source)
+    return list(meta.get("trainable_patterns", ["gate"]))
 
 
 def save_memory_file(model, patterns: Sequence[str], stem: str | Path, base_checkpoint: str,

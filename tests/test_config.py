@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from eijax.train.config_schema import ConfigError, load_config
@@ -13,11 +15,19 @@ def _exp(tmp_path, text: str):
     return p
 
 
-def test_defaults_are_smollm2_gate_only():
+def test_defaults_are_smollm2_with_the_shipped_recipe():
+    """`python train.py` trains what `smollm2-memory` was trained with (configs/experiments/smollm2_distill.yaml)
+    and only the memory path."""
     c = load_config()
     assert c.model.checkpoint == "smollm2" and c.model.n_layers == 30 and c.model.tie_embeddings
-    assert c.optim.trainable == ["gate"] and c.optim.weight_decay == 0.0
-    assert c.data.tasks == ["passkey", "multikey"]
+    assert c.optim.trainable == ["gate", "memory_adapter"] and c.optim.weight_decay == 0.0
+    assert (c.memory.rule, c.memory.adapter, c.optim.distill_weight) == ("delta", True, 1.0)
+    assert c.data.tasks == ["passkey", "multikey"] and c.eval.compare == "smollm2-memory"
+    shipped = load_config(Path(__file__).parents[1] / "configs/experiments/smollm2_distill.yaml")
+    for key in ("memory.rule", "memory.adapter", "optim.trainable", "optim.learning_rate", "optim.distill_weight",
+                "data.tasks", "data.context_lengths", "data.batch_size"):
+        section, name = key.split(".")
+        assert getattr(getattr(c, section), name) == getattr(getattr(shipped, section), name), key
 
 
 def test_layer_order_base_model_experiment_cli(tmp_path):

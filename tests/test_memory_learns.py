@@ -51,7 +51,8 @@ SEED = 0
 CHANCE = 0.1
 
 ARGS = ("model_name=tiny-random", "data.tokenizer=bytes", f"memory.sink={SINK}", f"memory.window={WINDOW}",
-        "memory.remat=none", "optim.trainable=[embed,blocks,final_norm]",
+        "memory.remat=none", "memory.rule=linear", "memory.adapter=false", "optim.distill_weight=0.0",
+        "optim.trainable=[embed,blocks,final_norm]",
         "optim.learning_rate=5e-3", "optim.warmup_steps=20", "data.tasks=[digitkey]",
         f"data.context_lengths=[{SHORT},{LONG}]", "data.batch_size=8", "data.max_segments=2", "data.buckets=[2]",
         f"run.steps={STEPS}", "run.log_every=50", "run.report=false", "checkpoint.enabled=false",

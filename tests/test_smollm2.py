@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +118,30 @@ def test_shipped_memory_recalls_what_left_the_window():
     without = np.mean([answer_loss(streaming, b) for b in batches])
     print(f"answer cross-entropy: memory {with_memory:.3f}, sink + window {without:.3f}")
     assert with_memory < 0.5 * without, (with_memory, without)
+
+
+def test_cached_tokenizer_is_the_converted_one_without_torch(tmp_path):
+    """The GGUF's tokenizer is converted once and read back from the cache as the generic fast class
+    (no torch import on a generate start): same ids, chat template, special tokens and decoding."""
+    import os
+    import subprocess
+    import sys
+
+    probe = r"""
+import json, sys
+import eijax.tokenizer as T
+tok = T.load_tokenizer("smollm2")
+text = "The pass key is 40712. Remember it.\n\t  Then: 3.14159 <|im_end|> ok"
+msgs = [{"role": "user", "content": "What is the pass key?"}]
+print(json.dumps(dict(torch="torch" in sys.modules, ids=tok.encode(text), special=tok.all_special_ids,
+                      bos=tok.bos_token_id, eos=tok.eos_token_id, decoded=tok.decode(tok.encode(text)),
+                      chat=tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))))
+"""
+    env = {**os.environ, "EIJAX_CACHE": str(tmp_path)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    fresh, cached = runs
+    assert any((tmp_path / "tokenizers").iterdir())  # the first run wrote the cache the second read
+    assert not cached.pop("torch")
+    fresh.pop("torch")
+    assert cached == fresh

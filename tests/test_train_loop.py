@@ -192,3 +192,36 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
         assert got.keys() == want.keys()
         for path in want:
             np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+
+    # a new run warm-started from either form begins where the trained one ended (model.init_memory)
+    for source in (tmp_path / "run", tmp_path / "exported" / "mem"):
+        warm = build_model(tiny_config(tmp_path / "warm", *extra, f"model.init_memory={source}"))
+        got = params(warm)
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path], err_msg=f"{source}: {path}")
+    from eijax.trained import CheckpointMismatch
+    linear = [e for e in extra if e != "memory.rule=delta"] + ["memory.rule=linear"]
+    with pytest.raises(CheckpointMismatch, match="rule: 'delta' vs 'linear'"):
+        build_model(tiny_config(tmp_path / "warm", *linear, f"model.init_memory={tmp_path / 'exported' / 'mem'}"))
+
+
+def test_report_scores_the_compared_memory_path_on_the_same_samples(tmp_path):
+    """eval.compare: after training, a trained memory path for the same base is scored on the run's
+    own eval samples and gets its column in report.md; one for another base is skipped."""
+    from convert.to_torch import export_folder
+    from eijax.trained import save_memory_file
+    from eijax.train.loop import build_model, run
+
+    base_dir = export_folder(build_model(tiny_config(tmp_path / "base")), tmp_path / "base")
+    extra = [f"model.checkpoint={base_dir}", "run.steps=1", "checkpoint.enabled=false", "run.report=true",
+             "eval.after=true", "eval.tasks=[passkey]", "eval.lengths=[200]", "eval.examples=2",
+             "eval.max_new_tokens=4"]
+    save_memory_file(build_model(tiny_config(tmp_path / "x", *extra)), ["gate"], tmp_path / "mem", str(base_dir))
+    summary = run(tiny_config(tmp_path / "run", *extra, f"eval.compare={tmp_path / 'mem'}"))
+    assert set(summary["eval_compare"]) >= {"acc/passkey/200"}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"| task | context tokens | before | after | `{tmp_path / 'mem'}` |" in report
+
+    save_memory_file(build_model(tiny_config(tmp_path / "x", *extra)), ["gate"], tmp_path / "other", "elsewhere")
+    summary = run(tiny_config(tmp_path / "run2", *extra, f"eval.compare={tmp_path / 'other'}"))
+    assert "eval_compare" not in summary and "eval_after" in summary

@@ -42,6 +42,7 @@ class RunSection:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     checkpoint: str = "smollm2"        # HF folder, .gguf, or a known name; "" = random init from the shapes below
+    init_memory: str = ""              # warm start: trained memory path (packaged name, memory file or run)
     family: Literal["llama", "qwen2", "qwen3", "gemma3"] = "llama"
     vocab_size: int = 0                # shapes: checked against the checkpoint when one is given
     d_model: int = 0
@@ -100,6 +101,7 @@ class EvalSection:
     examples: int = 4                  # per task and length
     max_new_tokens: int = 12
     seed: int = 12345                  # held out: differs from the training stream's seed
+    compare: str = ""                  # a trained memory path scored after training on the same samples
 
 
 @dataclasses.dataclass(frozen=True)

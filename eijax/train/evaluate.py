@@ -51,3 +51,20 @@ class Evaluator:
             log(f"  eval {task:8s} {length:6d} tokens: {correct}/{len(group)} correct")
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics, rows
+
+
+def compare_source(source: str, base_checkpoint: str, memory, tokenizer, samples, max_new_tokens: int,
+                   question_position: str, log=print) -> dict[str, float] | None:
+    """Scores the trained memory path `source` (e.g. the shipped "smollm2-memory") on the run's own
+    eval samples, with the run's sink and window; None (and a log line) when it was trained on
+    another base model than this run's."""
+    from eijax.trained import load_trained, trained_base
+
+    if trained_base(source) != base_checkpoint:
+        log(f"  eval.compare={source!r} was trained on {trained_base(source)!r}, this run on "
+            f"{base_checkpoint!r}: not compared")
+        return None
+    log(f"evaluating {source} (eval.compare) on the same samples:")
+    model = load_trained(source, memory)
+    metrics, _ = Evaluator(model, tokenizer, samples, max_new_tokens, question_position)(log)
+    return metrics

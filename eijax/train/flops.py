@@ -39,14 +39,22 @@ def model_flops_per_token(config, memory_config, trainable_all: bool = False) ->
     return passes * (2 * matmul + attention)
 
 
-def step_flops(config, memory_config, slots: int, answer_tokens: int) -> float:
+def step_flops(config, memory_config, slots: int, answer_tokens: int, distill_tokens: int = 0) -> float:
     """FLOPs one S-SFT step needs when the base is frozen: forward and backward-to-activations
     matmuls (and attention) of every layer over the slots computed, plus the lm head over the answer
-    tokens only (the loss needs no other logits). Remat recompute is not counted: it is not needed."""
+    tokens only (the loss needs no other logits). Remat recompute is not counted: it is not needed.
+    With distillation (`distill_tokens` tokens beyond the first window get the KL): the teacher's
+    forward over the slots (full causal attention) and both lm heads over those tokens (the
+    student's forward and backward to activations)."""
     c = config
     per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
         + 3 * c.d_model * c.d_ff
     ctx = memory_config.sink + memory_config.window / 2
     attention = c.n_layers * 4 * c.n_heads * c.head_dim * (ctx + c.head_dim)
     layers = 2 * c.n_layers * per_layer + attention
-    return 2 * (layers * slots + 2 * c.vocab_size * c.d_model * answer_tokens)
+    flops = 2 * (layers * slots + 2 * c.vocab_size * c.d_model * answer_tokens)
+    if distill_tokens:
+        teacher_attention = c.n_layers * 4 * c.n_heads * c.head_dim * (slots / 2)
+        flops += (2 * c.n_layers * per_layer + teacher_attention) * slots \
+            + 3 * 2 * c.vocab_size * c.d_model * distill_tokens
+    return flops

@@ -23,7 +23,7 @@ from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
 from eijax.train.optim import count_params, memory_path_only, learning_rate_schedule, make_optimizer, split_trainable
 from eijax.train.flops import matmul_peak_flops, model_flops_per_token
-from eijax.trained import set_params
+from eijax.trained import init_from_trained, set_params
 from eijax.train.step import batch_extent, compile_step, jit_train_step, prepare_batch
 
 
@@ -57,14 +57,18 @@ def build_model(config: Config):
             if want and want != getattr(c, key):
                 raise ConfigError(f"model.{key}={want} (model preset {config.model_name!r}) but checkpoint "
                                   f"{m.checkpoint!r} has {key}={getattr(c, key)}")
-        return model
-    # the family's rules (qkv bias, q/k norm, ...) come from the one place that knows them
-    mc = model_config_from_hf(dict(model_type=m.family, vocab_size=m.vocab_size, hidden_size=m.d_model,
-                                   num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-                                   num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, intermediate_size=m.d_ff,
-                                   rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings),
-                              dtype=m.dtype, param_dtype=m.param_dtype)
-    return build_random(mc, config.memory, seed=config.run.seed)
+    else:
+        # the family's rules (qkv bias, q/k norm, ...) come from the one place that knows them
+        mc = model_config_from_hf(dict(model_type=m.family, vocab_size=m.vocab_size, hidden_size=m.d_model,
+                                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                                       num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim,
+                                       intermediate_size=m.d_ff, rope_theta=m.rope_theta,
+                                       tie_word_embeddings=m.tie_embeddings),
+                                  dtype=m.dtype, param_dtype=m.param_dtype)
+        model = build_random(mc, config.memory, seed=config.run.seed)
+    if m.init_memory:  # warm start (a resumed run's checkpoint still takes precedence)
+        init_from_trained(model, m.init_memory)
+    return model
 
 
 def load_tokenizer_for(config: Config):
@@ -167,6 +171,9 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
         from eijax.train.evaluate import Evaluator, eval_samples
         samples = eval_samples(config.eval.tasks, config.eval.lengths, config.eval.examples, config.eval.seed, tokenizer)
         evaluator = Evaluator(model, tokenizer, samples, config.eval.max_new_tokens, config.data.question_position)
+        if config.eval.compare and config.eval.after:
+            from eijax.trained import trained_base
+            trained_base(config.eval.compare)  # a missing compare source fails now, not after training
 
     def evaluate(tag: str) -> dict[str, float]:
         set_params(model, trainable, config.optim.trainable)
@@ -256,6 +263,12 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
                    compiled_shapes=[list(k) for k in compiled])
     if evaluator is not None and config.eval.after and not preempted and step >= config.run.steps:
         summary["eval_after"] = evaluate("after")
+        if config.eval.compare:
+            from eijax.train.evaluate import compare_source
+            res = compare_source(config.eval.compare, config.model.checkpoint, config.memory, tokenizer, samples,
+                                 config.eval.max_new_tokens, config.data.question_position, log0)
+            if res is not None:
+                summary["eval_compare"] = res
     summary["wall_seconds"] = time.time() - t_start
     metrics_out.close()
     if jax.process_index() == 0:

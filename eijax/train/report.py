@@ -7,17 +7,20 @@ from pathlib import Path
 from typing import Any
 
 
-def _acc_table(summary: dict[str, Any]) -> list[str]:
-    before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
-    keys = sorted({k for k in [*before, *after] if k.startswith("acc/")},
+def _acc_table(summary: dict[str, Any], compare: str) -> list[str]:
+    columns = [("before", summary.get("eval_before", {})), ("after", summary.get("eval_after", {}))]
+    if "eval_compare" in summary:
+        columns.append((f"`{compare}`", summary["eval_compare"]))
+    keys = sorted({k for _, d in columns for k in d if k.startswith("acc/")},
                   key=lambda k: (k.split("/")[1], int(k.split("/")[2])))
     if not keys:
         return []
-    lines = ["| task | context tokens | before | after |", "|---|---:|---:|---:|"]
+    lines = ["| task | context tokens | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
     fmt = lambda d, k: f"{d[k]:.2f}" if k in d else "-"
     for k in keys:
         _, task, length = k.split("/")
-        lines.append(f"| {task} | {length} | {fmt(before, k)} | {fmt(after, k)} |")
+        lines.append(f"| {task} | {length} | " + " | ".join(fmt(d, k) for _, d in columns) + " |")
     return lines
 
 
@@ -50,8 +53,12 @@ def write_report(path: Path, config, summary: dict[str, Any]) -> None:
     for tag in ("eval_before", "eval_after"):
         if tag in summary:
             lines.append(f"- {tag.replace('_', ' ')} took {summary[tag].get('eval_seconds', 0):.0f} s")
-    table = _acc_table(summary)
+    table = _acc_table(summary, config.eval.compare)
     if table:
         lines += ["", "Greedy-decode accuracy on held-out synthetic samples "
-                      f"({config.eval.examples} per task and length):", "", *table]
+                      f"({config.eval.examples} per task and length; the question starts a fresh window, so the "
+                      "answer is only reachable through the memory):", "", *table]
+        if "eval_compare" in summary:
+            lines += ["", f"`{config.eval.compare}` is the memory path that ships with eijax, scored on the same "
+                          "samples with this run's sink and window."]
     Path(path).write_text("\n".join(lines) + "\n")
