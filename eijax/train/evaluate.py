@@ -60,8 +60,9 @@ def compare_source(source: str, base_checkpoint: str, memory, tokenizer, samples
     another base model than this run's."""
     from eijax.trained import load_trained, trained_base
 
-    if trained_base(source) != base_checkpoint:
-        log(f"  eval.compare={source!r} was trained on {trained_base(source)!r}, this run on "
+    trained_on = trained_base(source)
+    if trained_on != base_checkpoint:
+        log(f"  eval.compare={source!r} was trained on {trained_on!r}, this run on "
             f"{base_checkpoint!r}: not compared")
         return None
     log(f"evaluating {source} (eval.compare) on the same samples:")

@@ -25,12 +25,17 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10, dtype: str = "float32") 
     return 2 * n**3 / best
 
 
+def _layer_weights(c) -> int:
+    """Matmul weights of one decoder layer: q, k, v, o and the gated MLP."""
+    return c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
+        + 3 * c.d_model * c.d_ff
+
+
 def model_flops_per_token(config, memory_config, trainable_all: bool = False) -> float:
     """Model FLOPs per trained token: matmuls forward (2N) + backward to activations (2N), plus the
     backward to weights (2N) only when the base trains; attention over sink + window included."""
     c = config
-    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
-        + 3 * c.d_model * c.d_ff
+    per_layer = _layer_weights(c)
     matmul = c.n_layers * per_layer + c.vocab_size * c.d_model
     ctx = memory_config.sink + memory_config.window / 2
     # scores + weighted values over the cache, and the memory read, forward only
@@ -47,8 +52,7 @@ def step_flops(config, memory_config, slots: int, answer_tokens: int, distill_to
     forward over the slots (full causal attention) and both lm heads over those tokens (the
     student's forward and backward to activations)."""
     c = config
-    per_layer = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model \
-        + 3 * c.d_model * c.d_ff
+    per_layer = _layer_weights(c)
     ctx = memory_config.sink + memory_config.window / 2
     attention = c.n_layers * 4 * c.n_heads * c.head_dim * (ctx + c.head_dim)
     layers = 2 * c.n_layers * per_layer + attention
