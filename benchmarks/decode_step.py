@@ -5,13 +5,20 @@ decode loop (what `eijax.generate` runs: the step plus sampling and the host loo
     python -m benchmarks.decode_step [--tokens 40]
 
 Float32 decode reads every weight once per token (540 MB for SmolLM2): on a CPU the step is bound by
-memory bandwidth, so the layers dominate and memory on/off changes little.
+memory bandwidth, so the layers dominate and memory on/off changes little. `--profile N` traces N
+decode steps with jax.profiler and prints the XLA ops that took the most time per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
+import gzip
+import json
+import re
+import tempfile
 import time
 
 import jax
@@ -41,9 +48,35 @@ def _step_fns(model):
     return jax.jit(step), jax.jit(layers), jax.jit(head)
 
 
+def op_profile(run, steps: int, top: int = 15) -> list[tuple[str, float, int]]:
+    """Trace run() (which does `steps` decode steps) and aggregate the XLA ops of the trace by kind
+    (the name without XLA's numeric suffix, e.g. every `dot.N` is `dot`): [(kind, ms per step, calls
+    per step)], slowest first. Durations are summed over threads, so ops
+    that ran side by side can add up to more than the wall time."""
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        run()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total, calls = collections.defaultdict(float), collections.Counter()
+    for e in events:  # complete events of XLA's thunks; Python frames ('$...') and executor wrappers are skipped
+        name = e["name"]
+        if e.get("ph") == "X" and not (name.startswith(("$", "ThunkExecutor", "Pjit", "ParseArguments", "np."))
+                                       or "::" in name):
+            kind = re.sub(r"\.\d+$", "", name)
+            total[kind] += e["dur"] / 1e3
+            calls[kind] += 1
+    rows = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, ms / steps, calls[name] // steps) for name, ms in rows]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=40, help="tokens decoded by the Engine loop")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also trace N decode steps and print the top XLA ops")
     a = p.parse_args()
     warn_if_busy()
     mem = eijax.MemoryConfig(sink=64, window=512)
@@ -66,6 +99,12 @@ def main() -> None:
     rows.append((f"Engine.decode loop ({n} tokens)", (time.perf_counter() - t) / n))
     for name, seconds in rows:
         print(f"{name:34s} {seconds * 1e3:8.1f} ms")
+    if a.profile:
+        logits, state = engine.prefill(engine.init_state(), list(range(100, 400)))
+        print(f"\nXLA ops over {a.profile} Engine decode steps (ms per step summed over threads, calls per step):")
+        run = lambda: list(engine.decode(state, logits, SamplingConfig(max_new_tokens=a.profile + 1)))
+        for name, ms, n in op_profile(run, a.profile):
+            print(f"  {name:40s} {ms:8.2f} ms  x{n}")
 
 
 if __name__ == "__main__":

@@ -117,11 +117,10 @@ def _compress(graphdef, params, state):
 
 
 def _decode_step(graphdef, params, state, token, key, temperature, top_p):
-    """Feed one token (folding a full window first), sample the next. The key is split here, not
-    eagerly on the host (an eager split cost ~6 ms a token); returns the key for the next step."""
+    """Feed one token, sample the next (the caller folds a full window first: `Engine.decode`). The
+    key is split here, not eagerly on the host (an eager split cost ~6 ms a token); returns the key
+    for the next step."""
     model = nnx.merge(graphdef, params)
-    full = state.fill >= model.memory_config.cache_size
-    state = jax.lax.cond(full, model.compress, lambda s: s, state)
     hidden, state = model.prefill(state, token[:, None])
     logits = model.logits(hidden[:, 0])
     key, sub = jax.random.split(key)
@@ -217,6 +216,10 @@ class Engine:
         temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
         key, sub = jax.random.split(key)
         token = self._sample(logits, sub, temperature, top_p)
+        # The fold decision is made here, on the host's copy of fill: a lax.cond over the state
+        # inside the step made XLA allocate (and page-fault) buffers for the compress branch on
+        # every token.
+        fill = int(state.fill)
         for i in range(sampling.max_new_tokens):
             t = int(np.asarray(token)[0])  # host copy; token[0] would dispatch an eager slice
             if t in sampling.stop_ids:
@@ -224,7 +227,10 @@ class Engine:
             yield t
             if i + 1 == sampling.max_new_tokens:
                 return
+            if fill >= self.cache_size:
+                state, fill = self._compress(self.params, state), self.memory_config.sink
             token, _, state, key = self._decode(self.params, state, token, key, temperature, top_p)
+            fill += 1
 
 
 # ------------------------------------------------------------------ high-level API

@@ -128,26 +128,37 @@ class EdgeInfiniteLM(nnx.Module):
         slots_valid = jax.lax.dynamic_update_slice(state.valid, valid, (jnp.zeros((), jnp.int32), state.fill.astype(jnp.int32)))
         cos, sin = self._rope()
         graph, params = nnx.split(self.blocks)
-        xs = (params, state.k, state.v, state.memory.M, state.memory.z)
+        xs = (params, state.memory.M, state.memory.z)
         has_local = self.config.has_local_layers
         if has_local:  # per-layer kind, scanned with the parameters: one compiled layer body
             local_cos, local_sin, start = self._local_rope()
             xs += (jnp.asarray(self.config.local_layers), state.local_k, state.local_v)
 
-        def layer(h, xs):
-            p, k, v, m, z, *rest = xs
+        # The KV caches ride in the carry and each layer's slice is updated in place. As scanned
+        # inputs and outputs, a donated cache needed a fresh full-size copy on every call (XLA
+        # cannot write ys over the xs it is still reading): ~42 MB of new pages per SmolLM2 decode
+        # step, a third of the step in page faults (benchmarks/decode_step.py --profile).
+        def block(h, k, v, xs):
+            p, m, z, *rest = xs
             local = None
             if has_local:
                 is_local, hk, hv = rest
                 local = LocalContext(is_local, hk, hv, state.local_valid, local_cos, local_sin, start,
                                      self.memory_config.sink)
-            h, k, v = nnx.merge(graph, p)(h, k, v, slots_valid, state.fill, mem_lib.Memory(m, z), state.written, cos, sin,
-                                          local)
-            return h, (k, v)
+            return nnx.merge(graph, p)(h, k, v, slots_valid, state.fill, mem_lib.Memory(m, z), state.written, cos, sin,
+                                       local)
 
         if self.memory_config.resolved_remat() in ("layer", "both"):
-            layer = jax.checkpoint(layer)
-        x, (k, v) = jax.lax.scan(layer, x, xs)
+            block = jax.checkpoint(block)  # saves this layer's inputs, not the whole carried caches
+
+        def layer(carry, xs):
+            h, k_all, v_all, i = carry
+            k, v = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in (k_all, v_all))
+            h, k, v = block(h, k, v, xs)
+            k_all, v_all = (jax.lax.dynamic_update_index_in_dim(c, u, i, 0) for c, u in ((k_all, k), (v_all, v)))
+            return (h, k_all, v_all, i + 1), None
+
+        (x, k, v, _), _ = jax.lax.scan(layer, (x, state.k, state.v, jnp.zeros((), jnp.int32)), xs)
         n_new = jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32)
         return self.final_norm(x), state._replace(k=k, v=v, valid=slots_valid, fill=state.fill + n_new)
 
