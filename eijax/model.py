@@ -113,8 +113,18 @@ class EdgeInfiniteLM(nnx.Module):
         return jnp.asarray(cos), jnp.asarray(sin), start
 
     # ---------------------------------------------------------------- steps
-    def prefill_embedded(self, state: State, x: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
+    def prefill_embedded(self, state: State, x: jax.Array, valid: jax.Array | None = None, *,
+                         cache_in_carry: bool = False) -> tuple[jax.Array, State]:
         """Run T embedded tokens x [B, T, D] through all layers; returns final-normed hidden states.
+
+        `cache_in_carry` (inference: `prefill`) carries the stacked KV caches through the layer scan
+        and updates each layer's slice in place; otherwise (training) they are the scan's inputs and
+        outputs. Same values. In place, a donated cache needs no fresh copy per call (as scanned
+        inputs and outputs it did: XLA cannot write ys over the xs it is still reading; ~42 MB of
+        new pages per SmolLM2 decode step, a third of the step in page faults, seen with
+        benchmarks/decode_step.py --profile). Under differentiation the carried caches measured
+        slower (S-SFT step 35.7 s against 29.7 s per pass, benchmarks/ssft_step.py, one run each),
+        so training keeps xs/ys.
 
         Valid tokens must form a prefix of each row (right padding); fill advances by the longest
         row's valid count. The caller keeps fill + T <= sink + window (checked when fill is concrete).
@@ -134,10 +144,6 @@ class EdgeInfiniteLM(nnx.Module):
             local_cos, local_sin, start = self._local_rope()
             xs += (jnp.asarray(self.config.local_layers), state.local_k, state.local_v)
 
-        # The KV caches ride in the carry and each layer's slice is updated in place. As scanned
-        # inputs and outputs, a donated cache needed a fresh full-size copy on every call (XLA
-        # cannot write ys over the xs it is still reading): ~42 MB of new pages per SmolLM2 decode
-        # step, a third of the step in page faults (benchmarks/decode_step.py --profile).
         def block(h, k, v, xs):
             p, m, z, *rest = xs
             local = None
@@ -151,19 +157,26 @@ class EdgeInfiniteLM(nnx.Module):
         if self.memory_config.resolved_remat() in ("layer", "both"):
             block = jax.checkpoint(block)  # saves this layer's inputs, not the whole carried caches
 
-        def layer(carry, xs):
-            h, k_all, v_all, i = carry
-            k, v = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in (k_all, v_all))
-            h, k, v = block(h, k, v, xs)
-            k_all, v_all = (jax.lax.dynamic_update_index_in_dim(c, u, i, 0) for c, u in ((k_all, k), (v_all, v)))
-            return (h, k_all, v_all, i + 1), None
+        if cache_in_carry:
+            def layer(carry, xs):
+                h, k_all, v_all, i = carry
+                k, v = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in (k_all, v_all))
+                h, k, v = block(h, k, v, xs)
+                k_all, v_all = (jax.lax.dynamic_update_index_in_dim(c, u, i, 0) for c, u in ((k_all, k), (v_all, v)))
+                return (h, k_all, v_all, i + 1), None
 
-        (x, k, v, _), _ = jax.lax.scan(layer, (x, state.k, state.v, jnp.zeros((), jnp.int32)), xs)
+            (x, k, v, _), _ = jax.lax.scan(layer, (x, state.k, state.v, jnp.zeros((), jnp.int32)), xs)
+        else:
+            def layer(h, xs):
+                h, k, v = block(h, *xs[:2], xs[2:])
+                return h, (k, v)
+
+            x, (k, v) = jax.lax.scan(layer, x, (state.k, state.v) + xs)
         n_new = jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32)
         return self.final_norm(x), state._replace(k=k, v=v, valid=slots_valid, fill=state.fill + n_new)
 
     def prefill(self, state: State, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
-        return self.prefill_embedded(state, self.embed_tokens(tokens), valid)
+        return self.prefill_embedded(state, self.embed_tokens(tokens), valid, cache_in_carry=True)
 
     def compress(self, state: State) -> State:
         """Fold the window (slots sink..) into memory and empty it. With memory disabled it just drops it.
