@@ -34,7 +34,7 @@ MODULE = "benchmarks.inference"
 ENGINES = ("jax", "litert-f32", "litert-int8", "transformers", "llamacpp")
 LENGTHS = "256,1024,4096,8192,16384,32768"
 LITERT_RECIPES = {"litert-f32": "float32", "litert-int8": "dynamic_int8"}
-SCENARIO = "qa"  # sink 64 + window 512, memory on: the same sizes as the JAX engine's defaults
+SCENARIO = "qa"  # memory on; the JAX engine runs with the same sink and window
 TRANSFORMERS_CONTEXT = 8192  # SmolLM2's max_position_embeddings: full attention stops there
 VOCAB = 49152
 
@@ -357,6 +357,7 @@ def print_targets(results: dict, lengths: list[int]) -> None:
 
 # ------------------------------------------------------------------ CLI
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    from convert.scenarios import load_scenario
     from eijax.checkpoint.registry import cache_dir
 
     p = cli.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
@@ -367,10 +368,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell after the warm-up (best kept)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for torch, LiteRT, llama.cpp")
     p.add_argument("--model", default="smollm2", help="registered name or .gguf (llama.cpp reads the same file)")
-    p.add_argument("--sink", type=int, default=64, help="JAX engine's sink (the LiteRT qa scenario has 64)")
-    p.add_argument("--window", type=int, default=512, help="JAX engine's window (the LiteRT qa scenario has 512)")
-    p.add_argument("--litert-dir", default=str(cache_dir() / "litert" / "smollm2-qa"),
-                   help="where the qa graphs are (built there once when missing)")
+    scenario = load_scenario(SCENARIO)
+    p.add_argument("--sink", type=int, default=scenario.sink, help=f"JAX engine's sink (the LiteRT {SCENARIO} scenario's)")
+    p.add_argument("--window", type=int, default=scenario.window,
+                   help=f"JAX engine's window (the LiteRT {SCENARIO} scenario's)")
+    # The geometry is in the folder's name: graphs built for an older scenario file are not reused.
+    p.add_argument("--litert-dir",
+                   default=str(cache_dir() / "litert" / f"smollm2-{SCENARIO}-{scenario.sink}+{scenario.window}"),
+                   help=f"where the {SCENARIO} graphs are (built there once when missing)")
     p.add_argument("--litert-f32", help="prebuilt float32 .tflite (instead of --litert-dir)")
     p.add_argument("--litert-int8", help="prebuilt dynamic-int8 .tflite (instead of --litert-dir)")
     p.add_argument("--no-build", action="store_true", help="never convert LiteRT graphs (their cells are skipped)")

@@ -35,7 +35,7 @@ from flax import nnx
 from eijax import cli
 from eijax.config import MemoryConfig
 from eijax.data.layout import drop_middle as truncate_middle  # the S-SFT fitting rule: keep head and tail
-from eijax.model import EdgeInfiniteLM, State, with_memory_config
+from eijax.model import EdgeInfiniteLM, State, split_caches, split_layers, stack_caches, with_memory_config
 from eijax.schedule import Chunk, plan_chunks
 
 Method = Literal["edgeinfinite", "streaming", "full"]
@@ -116,12 +116,13 @@ def _compress(graphdef, params, state):
     return nnx.merge(graphdef, params).compress(state)
 
 
-def _decode_step(graphdef, params, state, token, key, temperature, top_p):
+def _decode_step(graphdef, params, layer_params, state, token, key, temperature, top_p):
     """Feed one token, sample the next (the caller folds a full window first: `Engine.decode`). The
-    key is split here, not eagerly on the host (an eager split cost ~6 ms a token); returns the key
-    for the next step."""
+    layers are unrolled over `layer_params` and the per-layer caches of `state` (`split_caches`).
+    The key is split here, not eagerly on the host (an eager split cost ~6 ms a token); returns the
+    key for the next step."""
     model = nnx.merge(graphdef, params)
-    hidden, state = model.prefill(state, token[:, None])
+    hidden, state = model.prefill_unrolled(layer_params, state, token[:, None])
     logits = model.logits(hidden[:, 0])
     key, sub = jax.random.split(key)
     return sample_token(logits, sub, temperature, top_p), logits, state, key
@@ -145,7 +146,12 @@ class Engine:
         self._prefill = jax.jit(functools.partial(_prefill_chunk, g), donate_argnums=1)
         self._score = jax.jit(functools.partial(_score_chunk, g), donate_argnums=1)
         self._compress = jax.jit(functools.partial(_compress, g), donate_argnums=1)
-        self._decode = jax.jit(functools.partial(_decode_step, g), donate_argnums=1)
+        # Decode runs unrolled over per-layer copies of the weights: 45 -> 32 ms a SmolLM2 token,
+        # for the memory of a second copy of the layers (benchmarks/decode_step.py).
+        self.layer_params = split_layers(model)
+        self._decode = jax.jit(functools.partial(_decode_step, g), donate_argnums=2)
+        self._split_caches = jax.jit(split_caches)  # (not donated: no output has an input's shape)
+        self._stack_caches = jax.jit(stack_caches)
         self._sample = jax.jit(sample_token)  # the first token; eager, its cond would be traced on every call
 
     def init_state(self) -> State:
@@ -164,8 +170,9 @@ class Engine:
             n += size
         key, zero = jax.random.PRNGKey(0), jnp.float32(0)
         token = self._sample(logits, key, zero, jnp.float32(1))
-        state = self._compress(self.params, state)
-        jax.block_until_ready(self._decode(self.params, state, token, key, zero, jnp.float32(1)))
+        state = self._split_caches(self._compress(self.params, state))
+        _, _, state, _ = self._decode(self.params, self.layer_params, state, token, key, zero, jnp.float32(1))
+        jax.block_until_ready(self._stack_caches(state))
 
     def _chunks(self, fill: int, n_tokens: int) -> Iterator[Chunk]:
         return plan_chunks(fill, n_tokens, cache_size=self.cache_size, sink=self.memory_config.sink,
@@ -220,6 +227,7 @@ class Engine:
         # inside the step made XLA allocate (and page-fault) buffers for the compress branch on
         # every token.
         fill = int(state.fill)
+        state = self._split_caches(state)
         for i in range(sampling.max_new_tokens):
             t = int(np.asarray(token)[0])  # host copy; token[0] would dispatch an eager slice
             if t in sampling.stop_ids:
@@ -228,8 +236,9 @@ class Engine:
             if i + 1 == sampling.max_new_tokens:
                 return
             if fill >= self.cache_size:
-                state, fill = self._compress(self.params, state), self.memory_config.sink
-            token, _, state, key = self._decode(self.params, state, token, key, temperature, top_p)
+                state = self._split_caches(self._compress(self.params, self._stack_caches(state)))
+                fill = self.memory_config.sink
+            token, _, state, key = self._decode(self.params, self.layer_params, state, token, key, temperature, top_p)
             fill += 1
 
 
@@ -323,6 +332,25 @@ def load_model(name_or_path: str | None, memory: MemoryConfig, checkpoint: str |
     return load_pretrained(name_or_path or DEFAULT_MODEL, memory)
 
 
+def add_geometry_args(p) -> None:
+    """--sink / --window, shared by the inference CLIs."""
+    default = MemoryConfig()
+    p.add_argument("--sink", type=int, help=f"sink tokens (default: the --checkpoint's training value, else {default.sink})")
+    p.add_argument("--window", type=int,
+                   help=f"window tokens (default: the --checkpoint's training value, else {default.window})")
+
+
+def inference_memory(sink: int | None, window: int | None, checkpoint: str | None) -> MemoryConfig:
+    """The MemoryConfig for --sink/--window; unset ones come from the checkpoint's training geometry
+    (a memory path trained at one window does not transfer to another), else MemoryConfig's defaults."""
+    trained_sink, trained_window = MemoryConfig().sink, MemoryConfig().window
+    if checkpoint:
+        from eijax.trained import trained_geometry
+
+        trained_sink, trained_window = trained_geometry(checkpoint)
+    return MemoryConfig(sink=trained_sink if sink is None else sink, window=trained_window if window is None else window)
+
+
 def base_model_source(model: str | None, checkpoint: str | None) -> str:
     """What `--model` means for the CLIs: the option if given, else the base model of the
     `--checkpoint` training run, else DEFAULT_MODEL."""
@@ -365,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--prompt", required=True, help="the user message (the question in document mode)")
     p.add_argument("--document", help="text file: document + question mode (question-last, as in S-SFT)")
     p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--window", type=int, default=512)
+    add_geometry_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -382,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     source = base_model_source(a.model, a.checkpoint)
     tok = load_tokenizer(source)
-    model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    model = load_model(source, inference_memory(a.sink, a.window, a.checkpoint), a.checkpoint)
     gen = Generator(model, a.method)
     loaded = time.perf_counter() - t_start
     if a.raw:

@@ -129,34 +129,9 @@ class EdgeInfiniteLM(nnx.Module):
         Valid tokens must form a prefix of each row (right padding); fill advances by the longest
         row's valid count. The caller keeps fill + T <= sink + window (checked when fill is concrete).
         """
-        b, t, _ = x.shape
-        if valid is None:
-            valid = jnp.ones((b, t), bool)
-        if not isinstance(state.fill, jax.core.Tracer) and int(state.fill) + t > self.memory_config.cache_size:
-            raise ValueError(f"prefill of {t} tokens at slot {int(state.fill)} overflows the cache of "
-                             f"{self.memory_config.cache_size} slots; compress first or use a smaller chunk")
-        slots_valid = jax.lax.dynamic_update_slice(state.valid, valid, (jnp.zeros((), jnp.int32), state.fill.astype(jnp.int32)))
-        cos, sin = self._rope()
-        graph, params = nnx.split(self.blocks)
-        xs = (params, state.memory.M, state.memory.z)
-        has_local = self.config.has_local_layers
-        if has_local:  # per-layer kind, scanned with the parameters: one compiled layer body
-            local_cos, local_sin, start = self._local_rope()
-            xs += (jnp.asarray(self.config.local_layers), state.local_k, state.local_v)
-
-        def block(h, k, v, xs):
-            p, m, z, *rest = xs
-            local = None
-            if has_local:
-                is_local, hk, hv = rest
-                local = LocalContext(is_local, hk, hv, state.local_valid, local_cos, local_sin, start,
-                                     self.memory_config.sink)
-            return nnx.merge(graph, p)(h, k, v, slots_valid, state.fill, mem_lib.Memory(m, z), state.written, cos, sin,
-                                       local)
-
-        if self.memory_config.resolved_remat() in ("layer", "both"):
-            block = jax.checkpoint(block)  # saves this layer's inputs, not the whole carried caches
-
+        slots_valid, n_new = self._claim_slots(state, x, valid)
+        block = self._layer_body(state, slots_valid)
+        xs = self._layer_inputs(state, nnx.state(self.blocks))
         if cache_in_carry:
             def layer(carry, xs):
                 h, k_all, v_all, i = carry
@@ -172,8 +147,66 @@ class EdgeInfiniteLM(nnx.Module):
                 return h, (k, v)
 
             x, (k, v) = jax.lax.scan(layer, x, (state.k, state.v) + xs)
-        n_new = jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32)
         return self.final_norm(x), state._replace(k=k, v=v, valid=slots_valid, fill=state.fill + n_new)
+
+    def prefill_unrolled(self, layer_params: tuple[nnx.State, ...], state: State, tokens: jax.Array,
+                         valid: jax.Array | None = None) -> tuple[jax.Array, State]:
+        """`prefill` with the layer loop unrolled over per-layer weights (`split_layers`) and caches
+        (state.k, state.v as per-layer tuples: `split_caches`). Same values. For decode: a scan
+        copies each layer's weights out of the stacked arrays (425 MB per SmolLM2 token, seen in
+        the profile); unrolled, the dots read them in place (45 -> 32 ms a step,
+        benchmarks/decode_step.py). It compiles slower, so prefill keeps the scan."""
+        x = self.embed_tokens(tokens)
+        slots_valid, n_new = self._claim_slots(state, x, valid)
+        block = self._layer_body(state, slots_valid)
+        stacked = self._layer_inputs(state, None)[1:]  # memory (and local history), sliced per layer below
+        ks, vs = [], []
+        for i, p in enumerate(layer_params):
+            x, k, v = block(x, state.k[i], state.v[i], (p,) + tuple(a[i] for a in stacked))
+            ks.append(k)
+            vs.append(v)
+        return self.final_norm(x), state._replace(k=tuple(ks), v=tuple(vs), valid=slots_valid, fill=state.fill + n_new)
+
+    def _claim_slots(self, state: State, x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Slot validity after writing x [B, T, D] at fill (checked against the cache size when fill
+        is concrete), and how far fill advances (the longest row's valid count)."""
+        b, t, _ = x.shape
+        if valid is None:
+            valid = jnp.ones((b, t), bool)
+        if not isinstance(state.fill, jax.core.Tracer) and int(state.fill) + t > self.memory_config.cache_size:
+            raise ValueError(f"prefill of {t} tokens at slot {int(state.fill)} overflows the cache of "
+                             f"{self.memory_config.cache_size} slots; compress first or use a smaller chunk")
+        slots_valid = jax.lax.dynamic_update_slice(state.valid, valid, (jnp.zeros((), jnp.int32), state.fill.astype(jnp.int32)))
+        return slots_valid, jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32)
+
+    def _layer_inputs(self, state: State, params) -> tuple:
+        """Per-layer inputs with a leading layer axis: (params, M, z[, is_local, local_k, local_v])."""
+        xs = (params, state.memory.M, state.memory.z)
+        if self.config.has_local_layers:  # per-layer kind, scanned with the parameters: one compiled layer body
+            xs += (jnp.asarray(self.config.local_layers), state.local_k, state.local_v)
+        return xs
+
+    def _layer_body(self, state: State, slots_valid: jax.Array):
+        """One layer, (h, k, v, xs) -> (h, k, v), xs being one layer's slice of `_layer_inputs`."""
+        cos, sin = self._rope()
+        graph = nnx.graphdef(self.blocks)
+        has_local = self.config.has_local_layers
+        if has_local:
+            local_cos, local_sin, start = self._local_rope()
+
+        def block(h, k, v, xs):
+            p, m, z, *rest = xs
+            local = None
+            if has_local:
+                is_local, hk, hv = rest
+                local = LocalContext(is_local, hk, hv, state.local_valid, local_cos, local_sin, start,
+                                     self.memory_config.sink)
+            return nnx.merge(graph, p)(h, k, v, slots_valid, state.fill, mem_lib.Memory(m, z), state.written, cos, sin,
+                                       local)
+
+        if self.memory_config.resolved_remat() in ("layer", "both"):
+            block = jax.checkpoint(block)  # saves this layer's inputs, not the whole carried caches
+        return block
 
     def prefill(self, state: State, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
         return self.prefill_embedded(state, self.embed_tokens(tokens), valid, cache_in_carry=True)
@@ -313,6 +346,23 @@ class EdgeInfiniteLM(nnx.Module):
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """Logits for a laid-out sequence (see `forward`)."""
         return self.logits(self.forward(tokens, valid))
+
+
+def split_layers(model: EdgeInfiniteLM) -> tuple[nnx.State, ...]:
+    """Each layer's parameters as separate arrays (copies: the stacked ones stay for the scans),
+    for `prefill_unrolled`."""
+    stacked = nnx.state(model.blocks)
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(model.config.n_layers))
+
+
+def split_caches(state: State) -> State:
+    """The KV caches as per-layer tuples (the layout `prefill_unrolled` reads and returns)."""
+    return state._replace(k=tuple(state.k), v=tuple(state.v))
+
+
+def stack_caches(state: State) -> State:
+    """Back to the stacked layout that `prefill` and `compress` take."""
+    return state._replace(k=jnp.stack(state.k), v=jnp.stack(state.v))
 
 
 def _local_part(state: State) -> dict[str, jax.Array] | None:

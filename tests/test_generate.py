@@ -176,3 +176,25 @@ def test_with_memory_config_keeps_parameters():
     other = with_memory_config(model, dataclasses.replace(MEM, window=40, enabled=False))
     assert other.memory_config.window == 40 and not other.blocks.use_memory
     np.testing.assert_array_equal(other.blocks.gate.kernel[...], model.blocks.gate.kernel[...])
+
+
+def test_geometry_defaults_to_the_checkpoints_and_a_mismatch_warns(caplog):
+    """A memory path is trained for one sink + window and does not transfer to another, so the
+    inference CLIs default to the checkpoint's geometry, and running it at another one says so."""
+    import json
+
+    from eijax.generate import inference_memory
+    from eijax.trained import PACKAGED_DIR, trained_memory
+
+    trained = json.loads((PACKAGED_DIR / "smollm2-memory.json").read_text())["memory"]
+    mem = inference_memory(None, None, "smollm2-memory")
+    assert (mem.sink, mem.window) == (trained["sink"], trained["window"])
+    assert (inference_memory(8, None, "smollm2-memory").sink, inference_memory(None, 100, None).window) == (8, 100)
+    assert inference_memory(None, None, None) == eijax.MemoryConfig()
+
+    saved = eijax.MemoryConfig(sink=32, window=256, rule="delta", adapter=True)
+    with caplog.at_level("WARNING", logger="eijax.trained"):
+        same = trained_memory(saved, eijax.MemoryConfig(sink=32, window=256))
+        assert not caplog.records and (same.rule, same.adapter) == ("delta", True)
+        trained_memory(saved, eijax.MemoryConfig(sink=64, window=512))
+    assert "trained with sink 32 + window 256" in caplog.text and "sink 64 + window 512" in caplog.text

@@ -194,3 +194,24 @@ def test_frozen_local_keeps_memory_path_gradients(remat):
             a, b = jax.jit(fn, static_argnums=1)(mem_path, False), jax.jit(fn, static_argnums=1)(mem_path, True)
             np.testing.assert_allclose(jax.flatten_util.ravel_pytree(a)[0], jax.flatten_util.ravel_pytree(b)[0],
                                        rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: local layers read their own history
+def test_unrolled_prefill_equals_scanned(family):
+    """Decode's unrolled layer loop over per-layer weights and caches computes what the scan over
+    the stacked ones does: same hidden states and the same state, after memory holds two windows."""
+    from eijax.model import split_caches, split_layers, stack_caches
+
+    with jax.enable_x64(True):
+        model = _model(family, "delta", "linear")
+        tokens, valid = _inputs()
+        state = model.init_state(tokens.shape[0])
+        for i in range(2):  # fill and fold two windows, so the memory and (gemma3) history are not empty
+            _, state = model.prefill(state, tokens[:, S + i * L:S + (i + 1) * L] if i else tokens[:, :S + L])
+            state = model.compress(state)
+        step = tokens[:, -3:]
+        want_h, want = model.prefill(state, step)
+        got_h, got = model.prefill_unrolled(split_layers(model), split_caches(state), step)
+        np.testing.assert_allclose(got_h, want_h, rtol=1e-12, atol=1e-12)
+        for a, b in zip(jax.tree.leaves(stack_caches(got)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)

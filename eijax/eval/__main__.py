@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 from eijax import cli
-from eijax.config import MemoryConfig
 from eijax.eval import report
 from eijax.eval.tasks import longbench_examples, perplexity_rows, run_examples, synthetic_examples
-from eijax.generate import DEFAULT_MODEL, METHODS, base_model_source, load_model
+from eijax.generate import DEFAULT_MODEL, METHODS, add_geometry_args, base_model_source, inference_memory, load_model
 
 
 def _ints(text: str) -> list[int]:
@@ -39,8 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer name/path (default: --model)")
     p.add_argument("--checkpoint", help="eijax training run (trained gate; must be for --model's architecture)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--window", type=int, default=512)
+    add_geometry_args(p)
     p.add_argument("--max-context", type=int, help="cap for `full` (default: the model's max_position)")
     p.add_argument("--tasks", default="passkey,multikey", help="synthetic tasks (comma list, or 'none')")
     p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens (also LongBench buckets)")
@@ -77,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t_start = time.perf_counter()
     source = base_model_source(a.model, a.checkpoint)
     tokenizer = load_tokenizer(a.tokenizer or source)
-    model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    memory = inference_memory(a.sink, a.window, a.checkpoint)
+    model = load_model(source, memory, a.checkpoint)
     lengths = _ints(a.lengths)
     examples = []
     for task in [t for t in a.tasks.split(",") if t and t != "none"]:
@@ -86,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         examples += longbench_examples(tokenizer, path, lengths, a.longbench_samples, a.longbench_max_new_tokens,
                                        a.longbench_metric)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    log(f"{len(examples)} examples x {len(methods)} methods; sink={a.sink} window={a.window}")
+    log(f"{len(examples)} examples x {len(methods)} methods; sink={memory.sink} window={memory.window}")
     chunks = _ints(a.chunks) or None
     rows = run_examples(model, tokenizer, examples, methods, max_context=a.max_context, chunk_sizes=chunks, log=log)
     if a.ppl_file:
