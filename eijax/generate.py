@@ -135,7 +135,8 @@ class Engine:
     goes in the largest chunk that fits in the room left in the cache (padded when it is the last).
     """
 
-    def __init__(self, model: EdgeInfiniteLM, chunk_sizes: Sequence[int] = DEFAULT_CHUNKS):
+    def __init__(self, model: EdgeInfiniteLM, chunk_sizes: Sequence[int] = DEFAULT_CHUNKS,
+                 layer_params: tuple[nnx.State, ...] | None = None):
         self.model = model
         self.memory_config = model.memory_config
         self.cache_size = model.memory_config.cache_size
@@ -147,8 +148,9 @@ class Engine:
         self._score = jax.jit(functools.partial(_score_chunk, g), donate_argnums=1)
         self._compress = jax.jit(functools.partial(_compress, g), donate_argnums=1)
         # Decode runs unrolled over per-layer copies of the weights: 45 -> 32 ms a SmolLM2 token,
-        # for the memory of a second copy of the layers (benchmarks/decode_step.py).
-        self.layer_params = split_layers(model)
+        # for the memory of a second copy of the layers (benchmarks/decode_step.py). Engines of
+        # one model share it (`layer_params`, from `split_layers(model)`).
+        self.layer_params = split_layers(model) if layer_params is None else layer_params
         self._decode = jax.jit(functools.partial(_decode_step, g), donate_argnums=2)
         self._split_caches = jax.jit(split_caches)  # (not donated: no output has an input's shape)
         self._stack_caches = jax.jit(stack_caches)
@@ -254,17 +256,21 @@ class Generator:
         self.max_context = int(max_context or model.config.max_position)
         self.full_bucket = full_bucket  # `full` rounds its cache up to a multiple of this (fewer compiles)
         self._engines: dict[MemoryConfig, Engine] = {}
+        self._layer_params: tuple[nnx.State, ...] | None = None  # decode's per-layer weights, one copy for all engines
 
     def refresh_params(self) -> None:
         """Engines copy the parameters when built; call after the model's parameters change (training)."""
+        self._layer_params = split_layers(self.model) if self._engines else None
         for engine in self._engines.values():
-            engine.params = nnx.state(self.model)
+            engine.params, engine.layer_params = nnx.state(self.model), self._layer_params
 
     def engine_for(self, total_tokens: int) -> Engine:
         total = -(-total_tokens // self.full_bucket) * self.full_bucket if self.method == "full" else total_tokens
         mem = memory_config_for(self.method, self.model.memory_config, total, self.max_context)
         if mem not in self._engines:
-            self._engines[mem] = Engine(with_memory_config(self.model, mem), self.chunk_sizes)
+            if self._layer_params is None:
+                self._layer_params = split_layers(self.model)
+            self._engines[mem] = Engine(with_memory_config(self.model, mem), self.chunk_sizes, self._layer_params)
         return self._engines[mem]
 
     def _fit_full(self, parts: list[list[int]], max_new: int) -> list[list[int]]:

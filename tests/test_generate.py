@@ -198,3 +198,23 @@ def test_geometry_defaults_to_the_checkpoints_and_a_mismatch_warns(caplog):
         assert not caplog.records and (same.rule, same.adapter) == ("delta", True)
         trained_memory(saved, eijax.MemoryConfig(sink=64, window=512))
     assert "trained with sink 32 + window 256" in caplog.text and "sink 64 + window 512" in caplog.text
+
+
+def test_engines_share_decode_weights_and_see_refreshed_params():
+    """Engines of one Generator share one per-layer copy of the weights (decode's), and after the
+    model's parameters change (training's in-loop eval) `refresh_params` makes decode use the new
+    ones: the decoded tokens equal a fresh Generator's on the changed model."""
+    _, model = _model()
+    gen = Generator(model, "edgeinfinite", chunk_sizes=(8, 1))
+    sampling = SamplingConfig(max_new_tokens=12)
+    prompt = random_tokens((40,), seed=3).tolist()
+    full = Generator(model, "full", chunk_sizes=(8, 1), max_context=64, full_bucket=16)
+    short, long = full.engine_for(10), full.engine_for(40)
+    assert short is not long and short.layer_params is long.layer_params
+    before = gen.generate(prompt, sampling).tokens
+    blocks = model.blocks
+    blocks.mlp_norm.scale.set_value(blocks.mlp_norm.scale[...] * -3.0)  # a change decode must see
+    gen.refresh_params()
+    after = gen.generate(prompt, sampling).tokens
+    assert after == Generator(model, "edgeinfinite", chunk_sizes=(8, 1)).generate(prompt, sampling).tokens
+    assert after != before
