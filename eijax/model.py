@@ -158,7 +158,7 @@ class EdgeInfiniteLM(nnx.Module):
         benchmarks/decode_step.py). It compiles slower, so prefill keeps the scan."""
         x = self.embed_tokens(tokens)
         slots_valid, n_new = self._claim_slots(state, x, valid)
-        block = self._layer_body(state, slots_valid)
+        block = jax.jit(self._layer_body(state, slots_valid))  # traced once for all layers, not 30 times
         stacked = self._layer_inputs(state, None)[1:]  # memory (and local history), sliced per layer below
         ks, vs = [], []
         for i, p in enumerate(layer_params):
