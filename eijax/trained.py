@@ -147,7 +147,7 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
         return saved
     if override.enabled and saved.enabled and (override.sink, override.window) != (saved.sink, saved.window):
         # Not an error (a user may mean it), but the memory path's weights are geometry-specific:
-        # smollm2-memory, trained at 32 + 256, recalls a 2K passkey 0.25 (n = 20) at 64 + 512 against 0.80.
+        # stage 3 of smollm2-memory (32 + 256) recalled a 2K passkey 0.25 (n = 20) at 64 + 512, 0.80 at its own.
         log.warning("the memory path was trained with sink %d + window %d; running it with sink %d + window %d, "
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
