@@ -147,7 +147,7 @@ class Engine:
         self._prefill = jax.jit(functools.partial(_prefill_chunk, g), donate_argnums=1)
         self._score = jax.jit(functools.partial(_score_chunk, g), donate_argnums=1)
         self._compress = jax.jit(functools.partial(_compress, g), donate_argnums=1)
-        # Decode runs unrolled over per-layer copies of the weights: 45 -> 32 ms a SmolLM2 token,
+        # Decode runs unrolled over per-layer copies of the weights: 56 -> 36 ms a SmolLM2 token,
         # for the memory of a second copy of the layers (benchmarks/decode_step.py). Engines of
         # one model share it (`layer_params`, from `split_layers(model)`).
         self.layer_params = split_layers(model) if layer_params is None else layer_params
@@ -260,17 +260,21 @@ class Generator:
 
     def refresh_params(self) -> None:
         """Engines copy the parameters when built; call after the model's parameters change (training)."""
-        self._layer_params = split_layers(self.model) if self._engines else None
+        self._layer_params = None
         for engine in self._engines.values():
-            engine.params, engine.layer_params = nnx.state(self.model), self._layer_params
+            engine.params, engine.layer_params = nnx.state(self.model), self._shared_layer_params()
+
+    def _shared_layer_params(self) -> tuple[nnx.State, ...]:
+        if self._layer_params is None:
+            self._layer_params = split_layers(self.model)
+        return self._layer_params
 
     def engine_for(self, total_tokens: int) -> Engine:
         total = -(-total_tokens // self.full_bucket) * self.full_bucket if self.method == "full" else total_tokens
         mem = memory_config_for(self.method, self.model.memory_config, total, self.max_context)
         if mem not in self._engines:
-            if self._layer_params is None:
-                self._layer_params = split_layers(self.model)
-            self._engines[mem] = Engine(with_memory_config(self.model, mem), self.chunk_sizes, self._layer_params)
+            self._engines[mem] = Engine(with_memory_config(self.model, mem), self.chunk_sizes,
+                                        self._shared_layer_params())
         return self._engines[mem]
 
     def _fit_full(self, parts: list[list[int]], max_new: int) -> list[list[int]]:

@@ -154,7 +154,7 @@ class EdgeInfiniteLM(nnx.Module):
         """`prefill` with the layer loop unrolled over per-layer weights (`split_layers`) and caches
         (state.k, state.v as per-layer tuples: `split_caches`). Same values. For decode: a scan
         copies each layer's weights out of the stacked arrays (425 MB per SmolLM2 token, seen in
-        the profile); unrolled, the dots read them in place (45 -> 32 ms a step,
+        the profile); unrolled, the dots read them in place (56 -> 36 ms a step,
         benchmarks/decode_step.py). It compiles slower, so prefill keeps the scan."""
         x = self.embed_tokens(tokens)
         slots_valid, n_new = self._claim_slots(state, x, valid)

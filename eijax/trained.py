@@ -161,7 +161,7 @@ def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | N
     if ckpt_dir is None:
         raise MissingInput(f"{run} is not an eijax training run (no checkpoints/<step>/meta)")
     meta = read_training_meta(ckpt_dir)
-    saved = MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
+    saved = _saved_memory(meta)
     model = load_pretrained(base or meta["base_checkpoint"], trained_memory(saved, memory))
     restore_params(model, run)
     return model
@@ -192,9 +192,13 @@ def trained_base(source: str | Path) -> str:
 def trained_geometry(source: str | Path) -> tuple[int, int]:
     """(sink, window) a trained source was trained with: the inference default for it, since a
     memory path does not transfer to another window (see `trained_memory`)."""
-    meta = _trained_meta(source)
-    saved = MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
+    saved = _saved_memory(_trained_meta(source))
     return saved.sink, saved.window
+
+
+def _saved_memory(meta: dict[str, Any]) -> MemoryConfig:
+    """The MemoryConfig a source's metadata records (runs from before it was recorded: the defaults)."""
+    return MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
 
 
 def _trained_meta(source: str | Path) -> dict[str, Any]:
@@ -258,7 +262,7 @@ def init_from_trained(model, source: str | Path) -> list[str]:
     memory rule, gate and adapter must be the ones they were trained with). Returns their patterns."""
     stem = memory_file_stem(source)
     meta = _trained_meta(source)
-    saved = MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
+    saved = _saved_memory(meta)
     have = model.memory_config
     diff = [f"{k}: {getattr(saved, k)!r} vs {getattr(have, k)!r}" for k in ("rule", "gate", "adapter")
             if getattr(saved, k) != getattr(have, k)]
