@@ -21,6 +21,7 @@ CLI:  python -m eijax.generate --model smollm2 --prompt "..." [--document FILE] 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import sys
@@ -128,6 +129,9 @@ def _decode_step(graphdef, params, layer_params, state, token, key, temperature,
     return sample_token(logits, sub, temperature, top_p), logits, state, key
 
 
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eijax-compile")
+
+
 class Engine:
     """One model under one MemoryConfig, with its compiled steps. State is passed in and returned.
 
@@ -152,6 +156,7 @@ class Engine:
         # one model share it (`layer_params`, from `split_layers(model)`).
         self.layer_params = split_layers(model) if layer_params is None else layer_params
         self._decode = jax.jit(functools.partial(_decode_step, g), donate_argnums=2)
+        self._decode_compiled: concurrent.futures.Future | None = None  # see prepare_decode
         self._split_caches = jax.jit(split_caches)  # (not donated: no output has an input's shape)
         self._stack_caches = jax.jit(stack_caches)
         self._sample = jax.jit(sample_token)  # the first token; eager, its cond would be traced on every call
@@ -173,8 +178,25 @@ class Engine:
         key, zero = jax.random.PRNGKey(0), jnp.float32(0)
         token = self._sample(logits, key, zero, jnp.float32(1))
         state = self._split_caches(self._compress(self.params, state))
-        _, _, state, _ = self._decode(self.params, self.layer_params, state, token, key, zero, jnp.float32(1))
+        _, _, state, _ = self._decode_executable()(self.params, self.layer_params, state, token, key, zero, jnp.float32(1))
         jax.block_until_ready(self._stack_caches(state))
+
+    def prepare_decode(self) -> None:
+        """Start compiling decode's step (or loading it from the persistent cache) in a background
+        thread. Tracing and lowering the unrolled layers costs ~1 s of Python before the cache can
+        even be looked up; started before the prompt's prefill, it overlaps it. Idempotent."""
+        if self._decode_compiled is None:
+            self._decode_compiled = _BACKGROUND.submit(self._compile_decode)
+
+    def _compile_decode(self):
+        state = jax.eval_shape(lambda: split_caches(self.init_state()))
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        token, scalar = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
+        return self._decode.lower(self.params, self.layer_params, state, token, key, scalar, scalar).compile()
+
+    def _decode_executable(self) -> Callable:
+        self.prepare_decode()
+        return self._decode_compiled.result()
 
     def _chunks(self, fill: int, n_tokens: int) -> Iterator[Chunk]:
         return plan_chunks(fill, n_tokens, cache_size=self.cache_size, sink=self.memory_config.sink,
@@ -230,6 +252,7 @@ class Engine:
         # every token.
         fill = int(state.fill)
         state = self._split_caches(state)
+        step = self._decode_executable()
         for i in range(sampling.max_new_tokens):
             t = int(np.asarray(token)[0])  # host copy; token[0] would dispatch an eager slice
             if t in sampling.stop_ids:
@@ -240,7 +263,7 @@ class Engine:
             if fill >= self.cache_size:
                 state = self._split_caches(self._compress(self.params, self._stack_caches(state)))
                 fill = self.memory_config.sink
-            token, _, state, key = self._decode(self.params, self.layer_params, state, token, key, temperature, top_p)
+            token, _, state, key = step(self.params, self.layer_params, state, token, key, temperature, top_p)
             fill += 1
 
 
@@ -294,6 +317,8 @@ class Generator:
             parts = self._fit_full(parts, max_new_tokens)
         n_prompt = sum(len(p) for p in parts)
         engine = self.engine_for(n_prompt + max_new_tokens)
+        if max_new_tokens > 1:
+            engine.prepare_decode()
         kind = route(n_prompt, engine.memory_config)
         state = engine.init_state()
         if kind == "plain" or len(parts) == 1 or self.method == "full":
@@ -418,8 +443,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from eijax.tokenizer import load_tokenizer
 
     source = base_model_source(a.model, a.checkpoint)
-    tok = load_tokenizer(source)
-    model = load_model(source, inference_memory(a.sink, a.window, a.checkpoint), a.checkpoint)
+    # The tokenizer (importing transformers: ~1.5 s of Python) loads in a thread while the weights
+    # are copied (NumPy and XLA release the GIL): on 2 cores the two overlap almost entirely.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizer_load = pool.submit(load_tokenizer, source)
+        model = load_model(source, inference_memory(a.sink, a.window, a.checkpoint), a.checkpoint)
+        tok = tokenizer_load.result()
     gen = Generator(model, a.method)
     loaded = time.perf_counter() - t_start
     if a.raw:

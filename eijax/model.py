@@ -351,8 +351,13 @@ class EdgeInfiniteLM(nnx.Module):
 def split_layers(model: EdgeInfiniteLM) -> tuple[nnx.State, ...]:
     """Each layer's parameters as separate arrays (copies: the stacked ones stay for the scans),
     for `prefill_unrolled`."""
-    stacked = nnx.state(model.blocks)
-    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(model.config.n_layers))
+    return _unstack(nnx.state(model.blocks), model.config.n_layers)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(stacked: nnx.State, n: int) -> tuple[nnx.State, ...]:
+    # One dispatch: eagerly, SmolLM2's 30 x 12 slices cost ~0.4 s of a start.
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(n))
 
 
 def split_caches(state: State) -> State:

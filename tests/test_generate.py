@@ -142,7 +142,7 @@ def test_streaming_memory_is_the_same_at_2k_and_32k():
         logits, state = engine.prefill(engine.init_state(), tokens)
         gen = list(engine.decode(state, logits, SamplingConfig(max_new_tokens=70)))  # folds during decoding
         live = sum(a.nbytes for a in jax.live_arrays())
-        return live, engine._prefill._cache_size(), engine._decode._cache_size(), len(gen)
+        return live, engine._prefill._cache_size(), engine._decode_executable(), len(gen)
 
     short, long = run(2048), run(32768)
     assert short == long

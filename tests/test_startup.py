@@ -179,8 +179,9 @@ def test_warm_up_compiles_every_step_generation_needs():
 
     gen = Generator(tiny_eijax_model("llama", MemoryConfig(sink=4, window=16)), chunk_sizes=(8, 4, 1))
     engine = gen.engine_for(200)
-    steps = dict(prefill=engine._prefill, compress=engine._compress, decode=engine._decode, sample=engine._sample,
+    steps = dict(prefill=engine._prefill, compress=engine._compress, sample=engine._sample,
                  split=engine._split_caches, stack=engine._stack_caches)
+    assert engine._decode_compiled is None
     before = {name: f._cache_size() for name, f in steps.items()}
     engine.warm_up()
     compiled = {name: f._cache_size() for name, f in steps.items()}
@@ -188,8 +189,10 @@ def test_warm_up_compiles_every_step_generation_needs():
     # jit(sample_token) and the cache layout changes are module functions whose compiled shapes are
     # shared by engines: an earlier engine of the same sizes may have compiled them already
     shared = ("sample", "split", "stack")
-    assert {k: v for k, v in added.items() if k not in shared} == dict(prefill=3, compress=1, decode=1)
+    assert {k: v for k, v in added.items() if k not in shared} == dict(prefill=3, compress=1)
+    decode = engine._decode_executable()  # compiled ahead of time: a call of another shape would raise
     assert all(added[k] <= 1 for k in shared)
     for n in (3, 20, 57, 130):  # inside the window, one fold, several folds and decode folds
         gen.generate(np.arange(n) % 90, SamplingConfig(max_new_tokens=30))
     assert {name: f._cache_size() for name, f in steps.items()} == compiled
+    assert engine._decode_executable() is decode
