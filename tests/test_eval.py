@@ -103,3 +103,33 @@ def test_harness_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     for name in ("accuracy_vs_length.png", "passkey_heatmap.png", "perplexity.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert res["plots"] == ["accuracy_vs_length.png", "passkey_heatmap.png", "perplexity.png"]
+
+
+def test_interrupted_run_resumes_with_only_the_missing_examples(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Rows reach rows.jsonl as they are scored; `--resume` keeps them (dropping a line the
+    interruption cut off), generates only the rest and ends with the rows of an uninterrupted run."""
+    from eijax.eval.__main__ import main
+    from eijax.generate import Generator
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_dir), "--sink", "16", "--window", "112", "--methods", "streaming,edgeinfinite",
+            "--tasks", "passkey", "--lengths", "256", "--depths", "0.5", "--samples", "3", "--max-new-tokens", "3",
+            "--chunks", "64,16", "--out", str(out)]
+    main(args)
+    whole = (out / "rows.jsonl").read_text().splitlines()
+    assert len(whole) == 6 and len({json.loads(r)["id"] for r in whole}) == 3
+
+    (out / "rows.jsonl").write_text("\n".join(whole[:2]) + "\n" + whole[2][:25])  # killed while writing row 3
+    calls = []
+    real = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **k: calls.append(self.method) or real(self, *a, **k))
+    main(args + ["--resume"])
+    assert calls == ["streaming"] + ["edgeinfinite"] * 3  # streaming's third row and all of edgeinfinite
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("seconds", "ttft_s")}
+    resumed = (out / "rows.jsonl").read_text().splitlines()
+    key = lambda r: (r["method"], r["id"])
+    assert sorted(map(strip, resumed), key=key) == sorted(map(strip, whole), key=key)
+
+    with pytest.raises(SystemExit) as e:
+        main([*args[:-2], "--samples", "4", "--out", str(out), "--resume"])
+    assert e.value.code == 2 and "--samples" in capsys.readouterr().err

@@ -4,8 +4,9 @@
         --depths 0.1,0.5,0.9 --samples 2 --out runs/eval_smollm2
     python -m eijax.eval --model smollm2 --tasks none --longbench data/qasper.jsonl --ppl-file book.txt
 
-Writes to --out: rows.jsonl (one row per example and method), table.md and table.csv
-(task x length x method), accuracy_vs_length.png, passkey_heatmap.png, perplexity.png.
+Writes to --out: rows.jsonl (one row per example and method, appended as each is scored),
+table.md and table.csv (task x length x method), accuracy_vs_length.png, passkey_heatmap.png,
+perplexity.png, and args.json. An interrupted run continues with the same arguments plus --resume.
 """
 
 from __future__ import annotations
@@ -54,7 +55,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ppl-tokens", type=int, default=4096, help="score the first N tokens of --ppl-file")
     p.add_argument("--chunks", default="", help="prefill chunk sizes, e.g. 256,64,16 (default: eijax.generate's)")
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an interrupted run (same arguments) wrote to --out; run only the rest")
     return p.parse_args(argv)
+
+
+def _run_args(a: argparse.Namespace) -> dict:
+    """The arguments that decide the rows (not where they go, nor whether to resume)."""
+    return {k: v for k, v in sorted(vars(a).items()) if k not in ("out", "resume")}
+
+
+def _rows_to_resume(out: Path, a: argparse.Namespace) -> list[dict]:
+    """The example rows an earlier run with the same arguments wrote to `out` (a line cut off by the
+    interruption is dropped; perplexity, one pass per method, is computed again)."""
+    if not (out / "rows.jsonl").is_file():
+        return []
+    try:
+        before = json.loads((out / "args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise cli.InputError(f"--resume: {out} has rows but no readable args.json; use another --out") from None
+    now = json.loads(json.dumps(_run_args(a)))  # as stored: tuples become lists
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise cli.InputError(f"--resume: {out} was written with other arguments "
+                             f"({', '.join('--' + k.replace('_', '-') for k in changed)}); use another --out")
+    rows = []
+    for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("id"):
+            rows.append(row)
+    return rows
 
 
 @cli.main_guard
@@ -72,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cli.existing_file(a.ppl_file, "--ppl-file")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    kept = _rows_to_resume(out, a) if a.resume else []
     t_start = time.perf_counter()
     source = base_model_source(a.model, a.checkpoint)
     tokenizer = load_tokenizer(a.tokenizer or source)
@@ -87,14 +121,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     log(f"{len(examples)} examples x {len(methods)} methods; sink={memory.sink} window={memory.window}")
     chunks = _ints(a.chunks) or None
-    rows = run_examples(model, tokenizer, examples, methods, max_context=a.max_context, chunk_sizes=chunks, log=log)
-    if a.ppl_file:
-        text = Path(a.ppl_file).read_text(encoding="utf-8")
-        tokens = tokenizer.encode(text, add_special_tokens=False)[: a.ppl_tokens]
-        rows += perplexity_rows(model, tokens, methods, max_context=a.max_context, log=log)
+    (out / "args.json").write_text(json.dumps(_run_args(a), indent=1), encoding="utf-8")
     with (out / "rows.jsonl").open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        def write(row: dict) -> None:  # as each row is scored: an interruption loses at most one example
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+        for r in kept:
+            write(r)
+        if kept:
+            log(f"resuming: {len(kept)} rows kept from {out / 'rows.jsonl'}")
+        done = {(r["method"], r["id"]) for r in kept}
+        rows = kept + run_examples(model, tokenizer, examples, methods, max_context=a.max_context, chunk_sizes=chunks,
+                                   log=log, done=done, on_row=write)
+        if a.ppl_file:
+            text = Path(a.ppl_file).read_text(encoding="utf-8")
+            tokens = tokenizer.encode(text, add_special_tokens=False)[: a.ppl_tokens]
+            for r in perplexity_rows(model, tokens, methods, max_context=a.max_context, log=log):
+                write(r)
+                rows.append(r)
     table = report.markdown_table(rows)
     (out / "table.md").write_text(table, encoding="utf-8")
     report.write_csv(report.aggregate(rows), out / "table.csv")

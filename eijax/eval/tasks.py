@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class Example:
     max_new_tokens: int
     depth: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    id: str = ""  # stable across runs of the same arguments: what `--resume` skips
 
 
 def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Sequence[float | None],
@@ -48,7 +49,8 @@ def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Seq
                 doc, question = prompt_parts(tokenizer, s["instruction"], s["context"])
                 out.append(Example(task, int(length), doc, question,
                                    lambda text, s=s: float(score_answer(task, text, s)), max_new_tokens,
-                                   depth if depth is not None else s.get("depth"), {"target": s["target"]}))
+                                   depth if depth is not None else s.get("depth"), {"target": s["target"]},
+                                   f"{task}/{length}/{depth}/{i}"))
     return out
 
 
@@ -80,7 +82,7 @@ def longbench_examples(tokenizer, path: str | Path, lengths: Sequence[int], max_
             n = len(doc) + len(question)
             out.append(Example(task, length_bucket(n, lengths), doc, question,
                                lambda text, a=answers: fn(text, a), max_new_tokens, None,
-                               {"tokens": n, "answers": answers}))
+                               {"tokens": n, "answers": answers}, f"{path.name}:{lineno}"))
             if max_samples and len(out) >= max_samples:
                 break
     return out
@@ -88,24 +90,31 @@ def longbench_examples(tokenizer, path: str | Path, lengths: Sequence[int], max_
 
 def run_examples(model, tokenizer, examples: Iterable[Example], methods: Sequence[str], *,
                  max_context: int | None = None, chunk_sizes: Sequence[int] | None = None,
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Generate and score every example with every method; one row per (example, method)."""
+                 log: Callable[[str], None] = print, done: Collection[tuple[str, str]] = (),
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Generate and score every example with every method; one row per (example, method), each
+    passed to `on_row` as soon as it is scored. (method, example id) pairs in `done` are skipped."""
     examples = list(examples)
     stops = stop_ids(tokenizer)
     rows = []
     for method in methods:
+        todo = [ex for ex in examples if (method, ex.id) not in done]
+        if not todo:
+            continue
         kw = {"chunk_sizes": chunk_sizes} if chunk_sizes else {}
         gen = Generator(model, method, max_context=max_context, **kw)
         t0 = time.perf_counter()
-        for ex in examples:
+        for ex in todo:
             out = gen.generate(ex.document, SamplingConfig(ex.max_new_tokens, stop_ids=stops), question=ex.question)
             text = tokenizer.decode(out.tokens, skip_special_tokens=True)
             rows.append(dict(task=ex.task, length=ex.length, depth=ex.depth, method=method, score=ex.score(text),
                              prompt_tokens=out.prompt_tokens, route=out.route, ttft_s=out.time_to_first_token,
-                             seconds=out.seconds, output=text, **ex.meta))
+                             seconds=out.seconds, output=text, id=ex.id, **ex.meta))
+            if on_row is not None:
+                on_row(rows[-1])
             log(f"    {method} {ex.task} len={ex.length} depth={ex.depth}: score {rows[-1]['score']:.2f} "
                 f"({out.prompt_tokens} tokens, {out.seconds:.1f}s) {text[:60]!r}")
-        log(f"  {method:12s} {len(examples)} examples in {time.perf_counter() - t0:.1f}s")
+        log(f"  {method:12s} {len(todo)} examples in {time.perf_counter() - t0:.1f}s")
     return rows
 
 
