@@ -55,11 +55,11 @@ def hf_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
 
 
 # The per-layer modules EdgeInfinite adds to the base model (torch names blocks.{i}.<module>.*).
-EDGEINFINITE_MODULES = ("gate", "memory_adapter")
+EDGEINFINITE_MODULES = ("gate", "memory_adapter", "write_gate")
 
 
 def extra_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
-    """Parameters that are not part of the base model (gate, memory adapter), under the twin's names."""
+    """Parameters that are not part of the base model (gate, memory adapter, write gate), under the twin's names."""
     from convert.weights import torch_state_dict
 
     return torch_state_dict(model, block_modules=EDGEINFINITE_MODULES)

@@ -160,14 +160,30 @@ class MemoryWrite(nn.Module):
         self.rule, self.eps = rule, eps
 
     def forward(self, M: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B,T,Hkv,d] pre-RoPE; valid [B,T] bool. Returns the new (M, z)."""
+                valid: torch.Tensor, strength: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B,T,Hkv,d] pre-RoPE; valid [B,T] bool; strength β [B,T,Hkv] or None. Returns the new (M, z)."""
         mask = valid.float()[:, :, None, None]
         sk = (sigma(k) * mask).permute(0, 2, 1, 3)                             # [B, Hkv, T, d]
         vv = (v.float() * mask).permute(0, 2, 1, 3)
         if self.rule == "delta":  # subtract what memory already retrieves for these keys
             vv = vv - torch.matmul(sk, M) / (torch.matmul(sk, z[..., None]) + self.eps)
+        if strength is not None:  # only the write is scaled, not the delta rule's retrieval
+            sk = sk * strength.permute(0, 2, 1)[..., None]
         return M + torch.matmul(sk.transpose(-1, -2), vv), z + sk.sum(dim=2)
+
+
+class MemoryWriteGate(nn.Module):
+    """eijax's learned write strength (MemoryConfig.write_gate): β = 2σ([k; v]·w_h + b_h) per KV head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(cfg.n_kv_heads, 2 * cfg.head_dim))
+        self.b = nn.Parameter(torch.zeros(cfg.n_kv_heads))
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """k, v [B, T, Hkv, d] (the memory path's) -> β [B, T, Hkv] float32."""
+        kv = torch.cat([k, v], dim=-1).float()
+        return 2.0 * torch.sigmoid((kv * self.w).sum(dim=-1) + self.b)
 
 
 class MemoryAdapter(nn.Module):
@@ -218,6 +234,7 @@ class Block(nn.Module):
         self.mem_read = MemoryRead(mem.eps)
         self.gate = MemoryGate(cfg, mem)
         self.memory_adapter = MemoryAdapter(cfg) if mem.adapter else None
+        self.write_gate = MemoryWriteGate(cfg) if mem.write_gate else None
         self.mlp_norm = norm(cfg.d_model)
         self.mlp = MLP(cfg)
         # Gemma normalises the attention and MLP outputs too, before the residual add

@@ -121,6 +121,11 @@ class MemoryConfig:
     # writes, identity-initialised. They act on cached pre-RoPE k/v (no extra cache) and never touch
     # the local path, so short inputs stay exactly the base model.
     adapter: bool = False
+    # Learned write strength (README "Decisions"): each token's write into memory (and into z) is
+    # scaled by β = 2σ([k; v]·w + b) per KV head, from the memory path's own k and v. w, b start at 0,
+    # so β = 1 and the plain rule is unchanged until training moves them; the cache holds k and v
+    # already, so it costs no state.
+    write_gate: bool = False
     # "auto": no remat on CPU (memory is plentiful there and a third of the step's FLOPs would go to
     # recomputing the forward), "segment" on accelerators, where HBM bounds the sequence length.
     remat: RematPolicy = "auto"

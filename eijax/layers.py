@@ -129,6 +129,16 @@ class MemoryAdapter(nnx.Module):
         self.v = nnx.Param(eye(hkv), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
 
 
+class MemoryWriteGate(nnx.Module):
+    """Learned write strength of the memory (MemoryConfig.write_gate): w [Hkv, 2d], b [Hkv] per layer,
+    zero-initialised so that β = 1 (see `memory.write_strength`)."""
+
+    def __init__(self, cfg: ModelConfig, *, lead, lead_axes, param_dtype):
+        hkv, d = cfg.n_kv_heads, cfg.head_dim
+        self.w = nnx.Param(jnp.zeros((*lead, hkv, 2 * d), param_dtype), axes=(*lead_axes, "kv_heads_n", "head_dim"))
+        self.b = nnx.Param(jnp.zeros((*lead, hkv), param_dtype), axes=(*lead_axes, "kv_heads_n"))
+
+
 def adapt(x: jax.Array, maps: jax.Array) -> jax.Array:
     """x [B, T, heads, d] @ maps [heads, d, d] per head."""
     return jnp.einsum("bthd,hde->bthe", x, maps.astype(x.dtype))
@@ -190,6 +200,7 @@ class Block(nnx.Module):
             self.q_norm = self.k_norm = None
         self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
         self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
+        self.write_gate = MemoryWriteGate(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.write_gate else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)
         self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
         if cfg.gemma:  # Gemma normalises the attention and MLP outputs too, before the residual add

@@ -47,12 +47,22 @@ def read(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
     return (num / den).reshape(b, t, h, d)
 
 
-def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: str, eps: float) -> Memory:
-    """Fold tokens into memory. k, v: [B, T, Hkv, d] pre-RoPE; valid: [B, T] (padding writes nothing).
+def write_strength(w: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """β = 2σ([k; v]·w_h + b_h) per token and KV head: [B, T, Hkv] float32. w [Hkv, 2d], b [Hkv];
+    zeros give β = 1 (the plain rule)."""
+    kv = jnp.concatenate([k, v], axis=-1).astype(_memory_dtype(k))
+    logits = jnp.einsum("btki,ki->btk", kv, w.astype(kv.dtype)) + b.astype(kv.dtype)
+    return 2.0 * jax.nn.sigmoid(logits)
 
-    linear: M += σ(k)ᵀ v
-    delta:  M += σ(k)ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z from before this write)
-    both:   z += Σ_t σ(k_t)
+
+def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: str, eps: float,
+          strength: jax.Array | None = None) -> Memory:
+    """Fold tokens into memory. k, v: [B, T, Hkv, d] pre-RoPE; valid: [B, T] (padding writes nothing);
+    strength β: [B, T, Hkv] or None (β = 1).
+
+    linear: M += (β σ(k))ᵀ v
+    delta:  M += (β σ(k))ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z from before this write)
+    both:   z += Σ_t β_t σ(k_t)
     """
     dtype = memory.M.dtype
     mask = valid.astype(dtype)[:, :, None, None]
@@ -64,6 +74,8 @@ def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: st
         v = v - retrieved / norm  # rows of padded tokens are 0 already (sk = 0)
     elif rule != "linear":
         raise ValueError(f"unknown memory rule {rule!r}")
+    if strength is not None:  # the retrieval above reads with the unscaled key; only the write is scaled
+        sk = sk * strength.astype(dtype)[..., None]
     return Memory(
         M=memory.M + jnp.einsum("btkd,btke->bkde", sk, v),
         z=memory.z + sk.sum(axis=1),

@@ -224,8 +224,11 @@ class EdgeInfiniteLM(nnx.Module):
             if adapter is not None:  # memory-path maps, per layer
                 k = jax.vmap(adapt)(k, adapter.k[...])
                 v = jax.vmap(adapt)(v, adapter.v[...])
-            write = lambda m, z, k, v: mem_lib.write(mem_lib.Memory(m, z), k, v, window_valid, mem.rule, mem.eps)
-            memory = jax.vmap(write)(memory.M, memory.z, k, v)
+            write = lambda m, z, k, v, *wb: mem_lib.write(mem_lib.Memory(m, z), k, v, window_valid, mem.rule, mem.eps,
+                                                          mem_lib.write_strength(*wb, k, v) if wb else None)
+            gate = self.blocks.write_gate
+            wb = () if gate is None else (gate.w[...], gate.b[...])
+            memory = jax.vmap(write)(memory.M, memory.z, k, v, *wb)
             if self.config.has_local_layers:  # memory lives in the global layers only
                 is_global = ~jnp.asarray(self.config.local_layers)
                 memory = jax.tree.map(lambda new, old: jnp.where(is_global.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
@@ -378,13 +381,15 @@ def _local_part(state: State) -> dict[str, jax.Array] | None:
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
     """The same parameter arrays (shared, not copied) under another MemoryConfig, e.g. another
-    sink/window or memory off for the baselines. Gate type and adapter are parameters: they must match."""
+    sink/window or memory off for the baselines. Gate type, adapter and write gate are parameters: they must match."""
     old = model.memory_config
     if memory == old:
         return model
-    if (memory.gate, memory.adapter) != (old.gate, old.adapter):
-        raise ValueError(f"gate/adapter change the parameters: have gate={old.gate!r} adapter={old.adapter}, "
-                         f"asked gate={memory.gate!r} adapter={memory.adapter}")
+    fields = ("gate", "adapter", "write_gate")
+    if any(getattr(memory, f) != getattr(old, f) for f in fields):
+        raise ValueError("gate/adapter/write_gate change the parameters: have "
+                         + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "
+                         + ", ".join(f"{f}={getattr(memory, f)!r}" for f in fields))
     twin = nnx.eval_shape(lambda: EdgeInfiniteLM(model.config, memory, rngs=nnx.Rngs(0)))
     nnx.update(twin, nnx.state(model))
     return twin

@@ -80,13 +80,13 @@ def random_tokens(shape, vocab: int = 97, seed: int = 0) -> np.ndarray:
 
 
 def randomise_memory_path(model, seed: int = 1, scale: float = 0.2) -> None:
-    """Add noise to the gate (and memory-adapter maps, if any) in place: freshly initialised they
-    make the memory path an exact no-op, which no equivalence test should rely on."""
+    """Add noise to the gate (and memory-adapter maps and write gate, if any) in place: freshly
+    initialised they make the memory path an exact no-op, which no equivalence test should rely on."""
     import jax.numpy as jnp
     from flax import nnx
 
     rng = np.random.RandomState(seed)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter"))))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(*[nnx.PathContains(p) for p in ("gate", "memory_adapter", "write_gate")])))
     nnx.update(model, nnx.from_flat_state(
         [(p, v.replace(v[...] + jnp.asarray(scale * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))
 
@@ -143,15 +143,20 @@ def segment_loop(model, tokens, valid):
     return np.concatenate(hidden, axis=1), windows, memories, state
 
 
-def memory_write_reference(M, z, k, v, valid, rule: str, eps: float, layers=None):
+def memory_write_reference(M, z, k, v, valid, rule: str, eps: float, layers=None, write_gate=None):
     """One window's memory write in float64 NumPy (DESIGN §1.1), stacked over layers:
     M [NL, B, Hkv, d, d], z [NL, B, Hkv, d], k, v [NL, B, L, Hkv, d], valid [B, L];
-    `layers` [NL] bool: the layers that write (default: all). Returns (M, z)."""
+    `layers` [NL] bool: the layers that write (default: all); `write_gate` (w [NL, Hkv, 2d],
+    b [NL, Hkv]): each token's write scaled by β = 2σ([k; v]·w + b). Returns (M, z)."""
     sig = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
     sk = sig(k) * valid[None, :, :, None, None]
     vv = v * valid[None, :, :, None, None]
     if rule == "delta":
         vv = vv - np.einsum("nbtkd,nbkde->nbtke", sk, M) / (np.einsum("nbtkd,nbkd->nbtk", sk, z)[..., None] + eps)
+    if write_gate is not None:
+        w, b = write_gate
+        logits = np.einsum("nbtki,nki->nbtk", np.concatenate([k, v], axis=-1), w) + b[:, None, None, :]
+        sk = sk * (2.0 / (1.0 + np.exp(-logits)))[..., None]
     g = np.ones(M.shape[0]) if layers is None else np.asarray(layers, np.float64)
     return (M + np.einsum("nbtkd,nbtke->nbkde", sk, vv) * g[:, None, None, None, None],
             z + sk.sum(axis=2) * g[:, None, None, None])

@@ -21,7 +21,7 @@ from convert.to_litert import available_recipes, load_recipe
 
 SCENARIO = "name: tiny\ndescription: test\nsink: 4\nwindow: 16\nprefill_chunks: [8, 4]\ndecode_batch: 1\nmemory: true\n"
 VOCAB = 97
-MEMORY_PATH = "MemoryGate_gate|MemoryAdapter_memory_adapter|MemoryRead_mem_read|MemoryWrite_mem_write"
+MEMORY_PATH = "MemoryGate_gate|MemoryAdapter_memory_adapter|MemoryRead_mem_read|MemoryWrite_mem_write|MemoryWriteGate_write_gate"
 
 # Stated bounds vs the float32 graph on the tiny random model (observed values are about half of
 # these; a quantisation that breaks a layer or a scale gives relative errors of order 1).
@@ -32,7 +32,7 @@ BOUNDS = {  # recipe: (max logit rel err, min next-token agreement)
 
 
 def _model_with_gate():
-    model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True))
+    model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True, write_gate=True))
     randomise_memory_path(model)
     return model
 

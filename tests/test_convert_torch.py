@@ -60,16 +60,17 @@ _prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
 _compress = nnx.jit(lambda m, s: m.compress(s))
 
 
-@pytest.mark.parametrize("family,rule,adapter", [("llama", "linear", False), ("qwen2", "delta", False),
-                                                ("qwen3", "delta", True), ("gemma3", "delta", True)])
-def test_torch_twin_matches_jax_over_segments(family, rule, adapter):
+@pytest.mark.parametrize("family,rule,adapter,write_gate", [
+    ("llama", "linear", False, True), ("qwen2", "delta", False, False), ("qwen3", "delta", True, True),
+    ("gemma3", "delta", True, False)])
+def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate):
     """Sink, chunked segments with padding, three compresses, then decode steps (batch 2). gemma3:
     memory in its global layer, the local layers' history (4 tokens) rolled at every compress."""
-    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter)
+    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter, write_gate=write_gate)
     model = tiny_eijax_model(family, mem)
     randomise_memory_path(model)
     twin = to_torch(model)
-    if adapter:  # the adapter survives the round trip too
+    if adapter or write_gate:  # the adapter and write gate survive the round trip too
         for a, b in zip(_params(model), _params(to_eijax(twin)), strict=True):
             np.testing.assert_array_equal(a, b)
     tokens = random_tokens((2, 40), seed=3)

@@ -176,15 +176,15 @@ def test_short_last_segment_equals_its_padded_layout():
 @pytest.mark.parametrize("remat", ["none", "segment"])
 def test_frozen_local_keeps_memory_path_gradients(remat):
     """frozen_local skips the backward of the sink and segment 0: values and the gradients of every
-    memory-path parameter (gate, memory adapter) stay exactly the same."""
+    memory-path parameter (gate, memory adapter, write gate) stay exactly the same."""
     from eijax.testing import randomise_memory_path
 
     with jax.enable_x64(True):
-        model = _model("llama", "delta", "linear", adapter=True, remat=remat)
+        model = _model("llama", "delta", "linear", adapter=True, write_gate=True, remat=remat)
         randomise_memory_path(model)
         tokens = jnp.asarray(random_tokens((1, N - 2), seed=7))  # a short last segment too
-        graph, mem_path, rest = nnx.split(model, nnx.Any(nnx.PathContains("gate"), nnx.PathContains("memory_adapter")),
-                                          ...)
+        graph, mem_path, rest = nnx.split(model, nnx.Any(*[nnx.PathContains(p) for p in ("gate", "memory_adapter",
+                                                                                         "write_gate")]), ...)
         weights = jnp.asarray(np.random.RandomState(2).randn(1, N - 2, model.config.d_model))
 
         def loss(p, frozen_local):

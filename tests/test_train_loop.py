@@ -155,8 +155,8 @@ def test_checkpoint_for_another_model_fails_clearly(tmp_path):
 
 
 def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
-    """A run trained with the memory adapter on an exported base folder comes back through
-    `load_trained` (used by generate and convert) with its adapter, gate and rule, while sink and
+    """A run trained with the memory adapter and write gate on an exported base folder comes back
+    through `load_trained` (used by generate and convert) with its adapter, write gate, gate and rule, while sink and
     window follow the inference override and the base weights are the folder's."""
     from flax import nnx
 
@@ -167,8 +167,8 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
     from eijax.train.loop import build_model, run
 
     base_dir = export_folder(build_model(tiny_config(tmp_path / "base")), tmp_path / "base")
-    extra = [f"model.checkpoint={base_dir}", "memory.adapter=true", "memory.rule=delta",
-             "optim.trainable=[gate,memory_adapter]", "run.steps=2", "checkpoint.async_save=false"]
+    extra = [f"model.checkpoint={base_dir}", "memory.adapter=true", "memory.rule=delta", "memory.write_gate=true",
+             "optim.trainable=[gate,memory_adapter,write_gate]", "run.steps=2", "checkpoint.async_save=false"]
     run(tiny_config(tmp_path / "run", *extra))
     trained = build_model(tiny_config(tmp_path / "run", *extra))
     assert restore_params(trained, tmp_path / "run") == 2
@@ -176,6 +176,7 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
     want = params(trained)
     identity = np.broadcast_to(np.eye(16), want[("blocks", "memory_adapter", "q")].shape)
     assert not np.allclose(want[("blocks", "memory_adapter", "q")], identity)  # the adapter did train
+    assert np.any(want[("blocks", "write_gate", "w")])                            # and the write gate
 
     # the run exported as a memory file (what ships as "smollm2-memory") loads the same everywhere
     from eijax.trained import main as export_main, trained_base
@@ -187,7 +188,7 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
                    load_trained(tmp_path / "exported" / "mem", MemoryConfig(sink=4, window=64)),
                    load_model(tmp_path / "exported" / "mem.safetensors", MemoryConfig(sink=4, window=64))):
         m = loaded.memory_config
-        assert (m.sink, m.window, m.adapter, m.rule) == (4, 64, True, "delta")
+        assert (m.sink, m.window, m.adapter, m.write_gate, m.rule) == (4, 64, True, True, "delta")
         got = params(loaded)
         assert got.keys() == want.keys()
         for path in want:

@@ -6,8 +6,9 @@ starts a fresh window), the model runs segment by segment, layer by layer, recor
 pre-RoPE q of the question's last token (the one that predicts the answer) and the keys the memory
 holds (memory-path adapter maps applied where the model has them). Per layer and query head:
 
-    share_mem   = Σ_needle σ(q)·σ(k_t) / Σ_all σ(q)·σ(k_t)     (σ = elu + 1: the memory's read weights;
-                                                                 exact for the linear rule)
+    share_mem   = Σ_needle β_t σ(q)·σ(k_t) / Σ_all β_t σ(q)·σ(k_t)   (σ = elu + 1, β_t the learned
+                                                                 write strength or 1: the memory's read
+                                                                 weights; exact for the linear rule)
     share_soft  = Σ_needle exp(q·k_t/√d) / Σ_all exp(q·k_t/√d)  (softmax over the same keys, no RoPE)
     selectivity = share / (needle tokens / memory tokens)       (1 = no better than uniform)
 
@@ -27,7 +28,7 @@ from flax import nnx
 
 from eijax import cli
 from eijax.layers import adapt
-from eijax.memory import Memory, sigma
+from eijax.memory import Memory, sigma, write_strength
 
 
 def _char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -49,11 +50,12 @@ def needle_token_mask(tokenizer, ids: Sequence[int], needle: str) -> np.ndarray:
     return np.array([a < end and b > start for a, b in _char_spans(tokenizer, ids)])
 
 
-def layer_qk(model, ctx: Sequence[int], query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def layer_qk(model, ctx: Sequence[int], query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Run ctx (sink + segments, memory on) then the query in a fresh window, layer by layer.
 
     Returns (q [NL, H, d] of the query's last token, k [NL, T, Hkv, d] of the memory's tokens,
-    written [T] bool: which ctx positions went to memory), pre-RoPE, memory-adapter maps applied."""
+    strength [NL, T, Hkv]: each token's write strength β (1 without a write gate), written [T] bool:
+    which ctx positions went to memory), pre-RoPE, memory-adapter maps applied."""
     mem = model.memory_config
     s, w = mem.sink, mem.window
     graph, params = nnx.split(model.blocks)
@@ -76,37 +78,44 @@ def layer_qk(model, ctx: Sequence[int], query: Sequence[int]) -> tuple[np.ndarra
         return jnp.stack(qs), state._replace(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, fill=state.fill + t)
 
     state = model.init_state(1)
-    keys, written = [], np.zeros(len(ctx), bool)
+    keys, values, written = [], [], np.zeros(len(ctx), bool)
     if s:
         _, state = run(state, list(ctx[:s]))
     for at in range(s, len(ctx), w):
         seg = list(ctx[at:at + w])
         _, state = run(state._replace(fill=jnp.asarray(s, jnp.int32)), seg)
         keys.append(state.k[:, 0, s:s + len(seg)])
+        values.append(state.v[:, 0, s:s + len(seg)])
         written[at:at + len(seg)] = True
         state = model.compress(state)
     q, _ = run(state._replace(fill=jnp.asarray(s, jnp.int32)), list(query))
-    k = jnp.concatenate(keys, axis=1)
+    k, v = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)
     adapter = model.blocks.memory_adapter
     if adapter is not None:
         q = jax.vmap(lambda qi, m: adapt(qi[None, None], m)[0, 0])(q, adapter.q[...])
-        k = jax.vmap(lambda ki, m: adapt(ki[None], m)[0])(k, adapter.k[...])
-    return np.asarray(q), np.asarray(k), written
+        k, v = (jax.vmap(lambda xi, m: adapt(xi[None], m)[0])(x, maps) for x, maps in ((k, adapter.k[...]),
+                                                                                       (v, adapter.v[...])))
+    gate = model.blocks.write_gate
+    strength = (jnp.ones(k.shape[:-1]) if gate is None else
+                jax.vmap(lambda ki, vi, w, b: write_strength(w, b, ki[None], vi[None])[0])(k, v, gate.w[...], gate.b[...]))
+    return np.asarray(q), np.asarray(k), np.asarray(strength), written
 
 
-def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray,
-                  temperatures: Sequence[float] = ()) -> dict[str, np.ndarray]:
+def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray, temperatures: Sequence[float] = (),
+                  strength: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per layer and query head: memory-read and softmax weight on the needle tokens, and their
-    selectivity (share / uniform share). q [NL, H, d], k [NL, T, Hkv, d], needle [T] bool.
+    selectivity (share / uniform share). q [NL, H, d], k [NL, T, Hkv, d], needle [T] bool,
+    strength [NL, T, Hkv] (the write strengths β_t, which scale the memory read's weights; None: 1).
     `temperatures` adds σ(βq)·σ(βk) reads ("mem_b<β>"): elu+1's constant offset gives every key a
     similarity of ~d, which a larger β makes small against the q/k-dependent part."""
     nl, h, d = q.shape
     group = h // k.shape[2]
     kk = k[:, :, np.arange(h) // group]                       # [NL, T, H, d]: head h reads KV head h // G
+    written = np.ones(kk.shape[:-1]) if strength is None else strength[:, :, np.arange(h) // group]  # [NL, T, H]
 
     def linear(beta: float) -> np.ndarray:
-        return np.einsum("lhd,lthd->lht", np.asarray(sigma(jnp.asarray(beta * q))),
-                         np.asarray(sigma(jnp.asarray(beta * kk))))
+        return np.einsum("lhd,lthd,lth->lht", np.asarray(sigma(jnp.asarray(beta * q))),
+                         np.asarray(sigma(jnp.asarray(beta * kk))), written)
 
     logits = np.einsum("lhd,lthd->lht", q, kk) / np.sqrt(d)
     soft = np.exp(logits - logits.max(-1, keepdims=True))
@@ -122,7 +131,8 @@ def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray,
 
 def probe(model, tokenizer, samples: Sequence[dict[str, Any]],
           temperatures: Sequence[float] = ()) -> dict[str, np.ndarray]:
-    """Mean over samples of `needle_shares` (passkey samples; the needle is its whole sentence)."""
+    """Mean over samples of `needle_shares` (passkey samples; the needle is its whole sentence), and
+    of the mean write strength β on the needle's tokens and on the rest ([NL, Hkv] each)."""
     from eijax.generate import prompt_parts
 
     acc: dict[str, list[np.ndarray]] = {}
@@ -130,9 +140,11 @@ def probe(model, tokenizer, samples: Sequence[dict[str, Any]],
         ctx, query = prompt_parts(tokenizer, s["instruction"], s["context"])
         key = s["target"]
         needle_text = f"The pass key is {key}. Remember it. {key} is the pass key."
-        q, k, written = layer_qk(model, ctx, query)
+        q, k, strength, written = layer_qk(model, ctx, query)
         needle = needle_token_mask(tokenizer, ctx, needle_text)[written]
-        for name, v in needle_shares(q, k, needle, temperatures).items():
+        stats = needle_shares(q, k, needle, temperatures, strength)
+        stats.update(strength_needle=strength[:, needle].mean(1), strength_rest=strength[:, ~needle].mean(1))
+        for name, v in stats.items():
             acc.setdefault(name, []).append(v)
     return {name: np.mean(v, axis=0) for name, v in acc.items()}
 
@@ -170,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{layer:>5} {sm[layer].max():>8.2f} {sm[layer].mean():>9.2f} {ss[layer].max():>9.2f} "
               f"{ss[layer].mean():>10.2f}")
     print(f"best head overall: memory read {sm.max():.2f}, softmax {ss.max():.2f}" + "".join(
-        f", memory read with β={t:g} {res[f'selectivity_mem_b{t:g}'].max():.2f}" for t in temps))
+        f", memory read with feature scale {t:g} {res[f'selectivity_mem_b{t:g}'].max():.2f}" for t in temps))
+    if model.memory_config.write_gate:
+        sn, sr = res["strength_needle"], res["strength_rest"]
+        print("write strength β (mean over KV heads), needle tokens / the rest, per layer: " + ", ".join(
+            f"{i}: {n:.2f}/{r:.2f}" for i, (n, r) in enumerate(zip(sn.mean(1), sr.mean(1)))))
 
 
 if __name__ == "__main__":

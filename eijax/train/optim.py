@@ -26,7 +26,7 @@ def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.Gra
     return graphdef, trainable, frozen
 
 
-MEMORY_PATH = ("gate", "memory_adapter")  # parameter-path elements of the memory path (DESIGN §1.2)
+MEMORY_PATH = ("gate", "memory_adapter", "write_gate")  # parameter-path elements of the memory path (DESIGN §1.2)
 
 
 def memory_path_only(trainable: nnx.State) -> bool:

@@ -1,0 +1,102 @@
+"""The learned write strength (MemoryConfig.write_gate): β = 1 at init, each token's write scaled by
+β = 2σ([k; v]·w + b) exactly as the float64 reference says, gradients that reach w and b, and a warm
+start from a memory path trained without it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import eijax
+from eijax.testing import (memory_write_reference, padded_inputs, random_tokens, randomise_memory_path,
+                           segment_loop, tiny_eijax_model)
+from eijax.trained import CheckpointMismatch, init_from_trained, save_memory_file
+
+S, L, N_SEG = 3, 6, 4
+N = S + N_SEG * L
+fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
+
+
+def _model(rule: str, write_gate: bool, family: str = "llama", adapter: bool = False):
+    mem = eijax.MemoryConfig(sink=S, window=L, rule=rule, adapter=adapter, write_gate=write_gate)
+    return tiny_eijax_model(family, mem, dtype="float64")
+
+
+def test_fresh_write_gate_is_the_plain_rule():
+    with jax.enable_x64(True):
+        tokens, valid = padded_inputs(S, L, N_SEG, 0)
+        plain, gated = _model("delta", False), _model("delta", True)
+        randomise_memory_path(plain)
+        nnx.update(gated.blocks.gate, nnx.state(plain.blocks.gate))  # one random gate; the write gate fresh
+        np.testing.assert_array_equal(np.asarray(fwd(plain, tokens, valid)), np.asarray(fwd(gated, tokens, valid)))
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_memory_equals_the_weighted_reference(rule):
+    """Every segment's write (padding included) against NumPy float64 with β from the window's own k, v."""
+    with jax.enable_x64(True):
+        model = _model(rule, True, family="qwen3")
+        randomise_memory_path(model, scale=0.3)
+        wg = (np.asarray(model.blocks.write_gate.w[...]), np.asarray(model.blocks.write_gate.b[...]))
+        tokens, valid = padded_inputs(S, L, N_SEG, 1)
+        hidden, windows, memories, final = segment_loop(model, tokens, valid)
+        np.testing.assert_allclose(hidden, np.asarray(fwd(model, tokens, valid)), rtol=1e-10, atol=1e-10)
+        M, z = np.zeros(final.memory.M.shape), np.zeros(final.memory.z.shape)
+        plain = (M, z)
+        for s, (k, v, m) in enumerate(windows):
+            np.testing.assert_allclose(memories[s].M, M, rtol=1e-10, atol=1e-12)
+            M, z = memory_write_reference(M, z, k, v, m, rule, model.memory_config.eps, write_gate=wg)
+            plain = memory_write_reference(*plain, k, v, m, rule, model.memory_config.eps)
+        np.testing.assert_allclose(final.memory.M, M, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(final.memory.z, z, rtol=1e-9, atol=1e-12)
+        assert not np.allclose(z, plain[1], rtol=1e-3)  # β really differs from 1
+
+
+def test_gradient_reaches_write_gate_and_matches_finite_differences():
+    with jax.enable_x64(True):
+        model = _model("delta", True, adapter=True)
+        randomise_memory_path(model)
+        tokens = jnp.asarray(random_tokens((1, N), seed=5))
+        graph, wg, rest = nnx.split(model, nnx.PathContains("write_gate"), ...)
+        weights = jnp.asarray(np.random.RandomState(1).randn(1, N - S, model.config.d_model))
+
+        def loss(p):
+            return jnp.sum(nnx.merge(graph, p, rest).forward(tokens)[:, S:] * weights) / weights.size
+
+        flat_p, unravel = jax.flatten_util.ravel_pytree(wg)
+        flat_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(wg))[0]
+        assert np.all(np.isfinite(flat_g)) and np.abs(flat_g).max() > 0
+        f = jax.jit(lambda p: loss(unravel(p)))
+        for i in np.random.RandomState(0).choice(flat_p.size, 6, replace=False):
+            e = jnp.zeros_like(flat_p).at[i].set(1e-6)
+            np.testing.assert_allclose(flat_g[i], (f(flat_p + e) - f(flat_p - e)) / 2e-6, rtol=1e-5, atol=1e-10)
+
+
+def test_warm_start_adds_a_fresh_write_gate_and_refuses_to_drop_one(tmp_path):
+    old = tiny_eijax_model("llama", eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True))
+    randomise_memory_path(old)
+    save_memory_file(old, ["gate", "memory_adapter"], tmp_path / "old", "tiny")
+    new = tiny_eijax_model("llama", eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True, write_gate=True))
+    assert init_from_trained(new, tmp_path / "old") == ["gate", "memory_adapter"]
+    np.testing.assert_array_equal(new.blocks.gate.kernel[...], old.blocks.gate.kernel[...])
+    np.testing.assert_array_equal(new.blocks.memory_adapter.k[...], old.blocks.memory_adapter.k[...])
+    assert not np.any(new.blocks.write_gate.w[...]) and not np.any(new.blocks.write_gate.b[...])  # β = 1
+
+    randomise_memory_path(new)
+    save_memory_file(new, ["gate", "memory_adapter", "write_gate"], tmp_path / "new", "tiny")
+    with pytest.raises(CheckpointMismatch, match="write_gate: True vs False"):
+        init_from_trained(old, tmp_path / "new")
+    with pytest.raises(ValueError, match="write_gate"):
+        eijax.with_memory_config(new, eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True))
+
+
+def test_training_metrics_report_the_write_gate():
+    from eijax.train.metrics import gate_stats
+
+    fresh = gate_stats({"blocks": {"write_gate": {"w": np.zeros((2, 3, 8)), "b": np.zeros((2, 3))}}})
+    assert fresh == {"write_strength_at_zero/all": 1.0, "write_gate_w_norm": 0.0}
+    moved = gate_stats({"blocks": {"write_gate": {"w": np.ones((2, 3, 8)), "b": np.full((2, 3), -2.0)}}})
+    assert moved["write_strength_at_zero/all"] < 0.3 and moved["write_gate_w_norm"] == pytest.approx(np.sqrt(48))
