@@ -114,7 +114,8 @@ def restore_params(model, checkpoint_dir: str | Path, step: int | None = None) -
         patterns = meta.get("trainable_patterns", ["gate"])
         current = nnx.to_pure_dict(nnx.state(model, param_filter(patterns)))
         check_shapes(manager.item_metadata(step)["trainable"], current, f"{ckpt_dir}/{step}")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                                current)  # host arrays after a warm start from a memory file
         values = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(abstract)))["trainable"]
     set_params(model, values, patterns)
     return int(step)
@@ -163,8 +164,22 @@ def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | N
     meta = read_training_meta(ckpt_dir)
     saved = _saved_memory(meta)
     model = load_pretrained(base or meta["base_checkpoint"], trained_memory(saved, memory))
-    restore_params(model, run)
+    _init_then_restore(model, run, meta)
     return model
+
+
+def _init_then_restore(model, run: str | Path, meta: dict[str, Any]) -> None:
+    """A run's checkpoint holds only what it trained; a warm-started run's other memory-path params
+    (e.g. a frozen gate and adapter under a newly trained write gate) are its init's."""
+    if meta.get("init_memory"):
+        init_from_trained(model, meta["init_memory"])
+    restore_params(model, run)
+
+
+def memory_patterns(source: str | Path) -> list[str]:
+    """The param patterns whose values `source` determines (for a warm-started run: its init's too)."""
+    meta = _trained_meta(source)
+    return list(meta.get("memory_patterns") or meta.get("trainable_patterns", ["gate"]))
 
 
 def load_trained(source: str | Path, memory: MemoryConfig | None = None, base: str | Path | None = None):
@@ -274,8 +289,8 @@ def init_from_trained(model, source: str | Path) -> list[str]:
                                  f"(trained vs run: {', '.join(diff)})")
     if stem is not None:
         return _set_from_memory_file(model, stem, meta)
-    restore_params(model, source)
-    return list(meta.get("trainable_patterns", ["gate"]))
+    _init_then_restore(model, source, meta)
+    return memory_patterns(source)
 
 
 def save_memory_file(model, patterns: Sequence[str], stem: str | Path, base_checkpoint: str,
@@ -317,8 +332,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if (run_dir / name).is_file():
                 data = json.loads((run_dir / name).read_text())
                 provenance[name.split(".")[0]] = {k: v for k, v in data.items() if k != "losses"}
-        stem = save_memory_file(model, meta.get("trainable_patterns", ["gate"]), a.out, meta["base_checkpoint"],
-                                provenance)
+        stem = save_memory_file(model, memory_patterns(a.run), a.out, meta["base_checkpoint"], provenance)
     print(f"wrote {stem}.safetensors and {stem}.json")
 
 

@@ -205,6 +205,20 @@ def test_load_trained_restores_the_runs_memory_path_on_its_base(tmp_path):
     with pytest.raises(CheckpointMismatch, match="rule: 'delta' vs 'linear'"):
         build_model(tiny_config(tmp_path / "warm", *linear, f"model.init_memory={tmp_path / 'exported' / 'mem'}"))
 
+    # a run that trains only the write gate on top of a warm start: loading it (or its export) gives
+    # the init's gate and adapter with the run's own write gate
+    only = [e for e in extra if not e.startswith("optim.trainable")] + [
+        "optim.trainable=[write_gate]", f"model.init_memory={tmp_path / 'exported' / 'mem'}"]
+    run(tiny_config(tmp_path / "stage2", *only))
+    export_main([str(tmp_path / "stage2"), str(tmp_path / "exported" / "stage2")])
+    for loaded in (load_trained(tmp_path / "stage2"), load_trained(tmp_path / "exported" / "stage2")):
+        got = params(loaded)
+        for path in want:
+            if "write_gate" in path:
+                assert not np.array_equal(got[path], want[path]), path  # trained again in stage 2
+            else:
+                np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+
 
 def test_report_scores_the_compared_memory_path_on_the_same_samples(tmp_path):
     """eval.compare: after training, a trained memory path for the same base is scored on the run's

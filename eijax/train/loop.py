@@ -23,7 +23,7 @@ from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
 from eijax.train.optim import count_params, memory_path_only, learning_rate_schedule, make_optimizer, split_trainable
 from eijax.train.flops import matmul_peak_flops, model_flops_per_token
-from eijax.trained import init_from_trained, set_params
+from eijax.trained import init_from_trained, memory_patterns, set_params
 from eijax.train.step import batch_extent, compile_step, jit_train_step, prepare_batch
 
 
@@ -158,6 +158,9 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
     meta = dict(base_checkpoint=config.model.checkpoint, arch=ckpt.arch_fingerprint(model),
                 weights_fingerprint=weights_fp, trainable_patterns=list(config.optim.trainable),
                 memory=dataclasses.asdict(config.memory), model_name=config.model_name)
+    if config.model.init_memory:  # what the run did not train stays its init's (eijax.trained reads both)
+        meta.update(init_memory=config.model.init_memory, memory_patterns=sorted(
+            set(config.optim.trainable) | set(memory_patterns(config.model.init_memory))))
     step = 0
     if manager is not None and config.checkpoint.resume and manager.latest_step() is not None:
         step, trainable, opt_state = ckpt.restore(manager, model, trainable, opt_state, shardings, data_iter, weights_fp)
