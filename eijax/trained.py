@@ -10,7 +10,7 @@ memory rule, gate type and adapter come from the source (its weights need them),
 `memory`. Everything here is read-only and needs nothing from eijax.train, so generate, eval and
 convert reach it without the trainer (which imports the fingerprints from here).
 
-A memory file is small (the gate and adapter only: ~1.2 MB gate-only, ~9 MB with the adapter for
+A memory file is small (the gate, adapter and write gate only: ~1.2 MB gate-only, ~9 MB with the adapter for
 SmolLM2) and holds float32 tensors keyed by their nnx path ("blocks.gate.kernel"); its JSON holds
 the base checkpoint, the architecture fingerprint, the MemoryConfig and how it was trained.
 """
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from eijax import cli
 
     p = cli.ArgumentParser(prog="python -m eijax.trained",
-                           description="Export a training run's memory path (gate, adapter) as a small "
+                           description="Export a training run's memory path (gate, adapter, write gate) as a small "
                                        "safetensors + JSON pair that --checkpoint accepts anywhere.")
     p.add_argument("run", help="train.py output folder (or its checkpoints/ or one step)")
     p.add_argument("out", help="output stem: writes <out>.safetensors and <out>.json")
