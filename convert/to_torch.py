@@ -25,6 +25,7 @@ import numpy as np
 
 from eijax import cli
 from eijax.config import MemoryConfig, model_config_from_hf
+from eijax.layers import MEMORY_PATH
 from eijax.model import EdgeInfiniteLM
 
 from convert.loading import (EXPORT_META, GATE_FILE, export_memory_config, load_model, tokenizer_source,
@@ -54,15 +55,11 @@ def hf_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
     return out
 
 
-# The per-layer modules EdgeInfinite adds to the base model (torch names blocks.{i}.<module>.*).
-EDGEINFINITE_MODULES = ("gate", "memory_adapter", "write_gate")
-
-
 def extra_tensors(model: EdgeInfiniteLM) -> dict[str, np.ndarray]:
     """Parameters that are not part of the base model (gate, memory adapter, write gate), under the twin's names."""
     from convert.weights import torch_state_dict
 
-    return torch_state_dict(model, block_modules=EDGEINFINITE_MODULES)
+    return torch_state_dict(model, block_modules=MEMORY_PATH)
 
 
 def export_folder(model: EdgeInfiniteLM, out: str | Path, *, source: str | None = None) -> Path:

@@ -129,6 +129,11 @@ class MemoryAdapter(nnx.Module):
         self.v = nnx.Param(eye(hkv), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
 
 
+# The per-layer modules EdgeInfinite adds to the base model (Block attribute names): the memory path
+# of DESIGN §1.2, what trains, what a memory file holds and what the twin keeps beside the base weights.
+MEMORY_PATH = ("gate", "memory_adapter", "write_gate")
+
+
 class MemoryWriteGate(nnx.Module):
     """Learned write strength of the memory (MemoryConfig.write_gate): w [Hkv, 2d], b [Hkv] per layer,
     zero-initialised so that β = 1 (see `memory.write_strength`)."""

@@ -178,7 +178,10 @@ def _init_then_restore(model, run: str | Path, meta: dict[str, Any]) -> None:
 
 def memory_patterns(source: str | Path) -> list[str]:
     """The param patterns whose values `source` determines (for a warm-started run: its init's too)."""
-    meta = _trained_meta(source)
+    return _memory_patterns(_trained_meta(source))
+
+
+def _memory_patterns(meta: dict[str, Any]) -> list[str]:
     return list(meta.get("memory_patterns") or meta.get("trainable_patterns", ["gate"]))
 
 
@@ -290,7 +293,7 @@ def init_from_trained(model, source: str | Path) -> list[str]:
     if stem is not None:
         return _set_from_memory_file(model, stem, meta)
     _init_then_restore(model, source, meta)
-    return memory_patterns(source)
+    return _memory_patterns(meta)
 
 
 def save_memory_file(model, patterns: Sequence[str], stem: str | Path, base_checkpoint: str,
@@ -332,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if (run_dir / name).is_file():
                 data = json.loads((run_dir / name).read_text())
                 provenance[name.split(".")[0]] = {k: v for k, v in data.items() if k != "losses"}
-        stem = save_memory_file(model, memory_patterns(a.run), a.out, meta["base_checkpoint"], provenance)
+        stem = save_memory_file(model, _memory_patterns(meta), a.out, meta["base_checkpoint"], provenance)
     print(f"wrote {stem}.safetensors and {stem}.json")
 
 

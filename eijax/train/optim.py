@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from eijax.train.config_schema import OptimSection
+from eijax.layers import MEMORY_PATH
 from eijax.trained import param_filter
 
 
@@ -24,9 +25,6 @@ def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.Gra
         raise ValueError(f"optim.trainable={list(patterns)} matches no parameter; gate params live under "
                          "'blocks.gate' (see eijax/layers.py)")
     return graphdef, trainable, frozen
-
-
-MEMORY_PATH = ("gate", "memory_adapter", "write_gate")  # parameter-path elements of the memory path (DESIGN §1.2)
 
 
 def memory_path_only(trainable: nnx.State) -> bool:
