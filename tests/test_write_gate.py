@@ -55,6 +55,31 @@ def test_memory_equals_the_weighted_reference(rule):
         assert not np.allclose(z, plain[1], rtol=1e-3)  # β really differs from 1
 
 
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_only_relative_write_strength_matters(rule):
+    """β = c on every token scales M and z by c and leaves every read unchanged (up to eps): the read
+    is normalised by σ(q)·z and the delta rule's retrieval by σ(k)·z. So the write gate's overall
+    level (its bias) is a no-op; what can change recall is β on some tokens against the rest."""
+    from eijax.memory import empty_memory, read, write
+
+    with jax.enable_x64(True):
+        rng = np.random.RandomState(3)
+        k, v = (jnp.asarray(rng.randn(2, 3, L, 2, 8)) for _ in range(2))
+        valid = jnp.ones((2, L), bool)
+        q = jnp.asarray(rng.randn(2, 5, 4, 8))
+        plain = scaled = empty_memory(2, 2, 8, dtype=jnp.float64)
+        for s in range(3):
+            plain = write(plain, k[:, s], v[:, s], valid, rule, 1e-6)
+            scaled = write(scaled, k[:, s], v[:, s], valid, rule, 1e-6, strength=jnp.full((2, L, 2), 0.25))
+        np.testing.assert_allclose(scaled.M, 0.25 * plain.M, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(read(scaled, q, 1e-6), read(plain, q, 1e-6), rtol=1e-6, atol=1e-6)
+        uneven = empty_memory(2, 2, 8, dtype=jnp.float64)
+        for s in range(3):  # a different β per token does change the read
+            uneven = write(uneven, k[:, s], v[:, s], valid, rule, 1e-6,
+                           strength=jnp.asarray(rng.uniform(0.1, 2.0, (2, L, 2))))
+        assert not np.allclose(read(uneven, q, 1e-6), read(plain, q, 1e-6), rtol=1e-3)
+
+
 def test_gradient_reaches_write_gate_and_matches_finite_differences():
     with jax.enable_x64(True):
         model = _model("delta", True, adapter=True)

@@ -84,7 +84,7 @@ def gate_stats(trainable: dict) -> dict[str, float]:
         k = np.asarray(jax.device_get(gate["kernel"]), np.float64)
         out["gate_kernel_norm"] = float(np.sqrt((k ** 2).sum()))
     write_gate = trainable.get("blocks", {}).get("write_gate", {})
-    if write_gate:  # β at zero input (2σ(b); 1 = the plain rule) and how much β reacts to k and v
+    if write_gate:  # β at zero input (its level, which the normalised read cancels) and how much β reacts to k, v
         b = np.asarray(jax.device_get(write_gate["b"]), np.float64)
         out["write_strength_at_zero/all"] = float((2 / (1 + np.exp(-b))).mean())
         out["write_gate_w_norm"] = float(np.sqrt((np.asarray(jax.device_get(write_gate["w"]), np.float64) ** 2).sum()))
