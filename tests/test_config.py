@@ -16,7 +16,7 @@ def _exp(tmp_path, text: str):
 
 
 def test_defaults_are_smollm2_with_the_shipped_recipe():
-    """`python train.py` trains what `smollm2-memory` was trained with (configs/experiments/smollm2_distill.yaml)
+    """`python train.py` is stage 1 of `smollm2-memory`'s recipe (configs/experiments/smollm2_distill.yaml)
     and only the memory path."""
     c = load_config()
     assert c.model.checkpoint == "smollm2" and c.model.n_layers == 30 and c.model.tie_embeddings
