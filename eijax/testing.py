@@ -86,9 +86,10 @@ def randomise_memory_path(model, seed: int = 1, scale: float = 0.2) -> None:
     from flax import nnx
 
     from eijax.layers import MEMORY_PATH
+    from eijax.trained import param_filter
 
     rng = np.random.RandomState(seed)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Any(*[nnx.PathContains(p) for p in MEMORY_PATH])))
+    flat = nnx.to_flat_state(nnx.state(model, param_filter(MEMORY_PATH)))
     nnx.update(model, nnx.from_flat_state(
         [(p, v.replace(v[...] + jnp.asarray(scale * rng.randn(*v.shape), v[...].dtype))) for p, v in flat]))
 

@@ -10,8 +10,8 @@ memory rule, gate type and adapter come from the source (its weights need them),
 `memory`. Everything here is read-only and needs nothing from eijax.train, so generate, eval and
 convert reach it without the trainer (which imports the fingerprints from here).
 
-A memory file is small (the gate, adapter and write gate only: ~1.2 MB gate-only, ~9 MB with the adapter for
-SmolLM2) and holds float32 tensors keyed by their nnx path ("blocks.gate.kernel"); its JSON holds
+A memory file is small (the memory path only, `eijax.layers.MEMORY_PATH`: ~1.2 MB gate-only, ~9 MB
+with the adapter and write gate for SmolLM2) and holds float32 tensors keyed by their nnx path ("blocks.gate.kernel"); its JSON holds
 the base checkpoint, the architecture fingerprint, the MemoryConfig and how it was trained.
 """
 

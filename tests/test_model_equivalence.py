@@ -11,6 +11,7 @@ from flax import nnx
 import eijax
 from eijax.layers import MEMORY_PATH
 from eijax.testing import memory_write_reference, padded_inputs, random_tokens, segment_loop, tiny_eijax_model
+from eijax.trained import param_filter
 
 S, L, N_SEG = 3, 6, 4
 N = S + N_SEG * L
@@ -184,7 +185,7 @@ def test_frozen_local_keeps_memory_path_gradients(remat):
         model = _model("llama", "delta", "linear", adapter=True, write_gate=True, remat=remat)
         randomise_memory_path(model)
         tokens = jnp.asarray(random_tokens((1, N - 2), seed=7))  # a short last segment too
-        graph, mem_path, rest = nnx.split(model, nnx.Any(*[nnx.PathContains(p) for p in MEMORY_PATH]), ...)
+        graph, mem_path, rest = nnx.split(model, param_filter(MEMORY_PATH), ...)
         weights = jnp.asarray(np.random.RandomState(2).randn(1, N - 2, model.config.d_model))
 
         def loss(p, frozen_local):

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import optax
 from flax import nnx
 
-from eijax.train.config_schema import OptimSection
 from eijax.layers import MEMORY_PATH
+from eijax.train.config_schema import OptimSection
 from eijax.trained import param_filter
 
 
