@@ -88,3 +88,14 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="every model shape key"):
         load_config(None, ["model.checkpoint=''", "model_name=smollm2-135m", "override_model_config=true",
                            "model.d_model=0"])
+
+
+def test_needle_depth_ranges_become_one_source_each():
+    from eijax.train.loop import data_config
+
+    cfg = load_config(None, ["data.tasks=[passkey]", "data.context_lengths=[2000]",
+                             "data.needle_depths=[[0.0,1.0],[0.0,0.12]]"])
+    sources = data_config(cfg)["sources"]
+    assert [s.get("depth_range") for s in sources] == [None, (0.0, 0.12)]  # the default passes nothing
+    with pytest.raises(ConfigError, match="data.needle_depths"):
+        data_config(load_config(None, ["data.needle_depths=[[0.5,0.2]]"]))

@@ -55,6 +55,17 @@ def test_passkey_depth_is_controlled():
     assert min(random_depths) < 0.2 and max(random_depths) > 0.8
 
 
+@pytest.mark.parametrize("sampler", [passkey_sample, multikey_sample, digitkey_sample])
+def test_depth_range_draws_inside_it_and_the_default_changes_nothing(sampler):
+    kw = dict(seed=3, tokenizer=TOK, context_tokens=3000)
+    early = [sampler(i, depth_range=(0.0, 0.12), **kw)["depth"] for i in range(20)]
+    assert max(early) < 0.17 and len(set(early)) > 10  # sentence boundaries shift it a little
+    # (0, 1) is the plain uniform draw: the samples of a seed are those made before the option
+    assert [sampler(i, depth_range=(0.0, 1.0), **kw) for i in range(5)] == [sampler(i, **kw) for i in range(5)]
+    with pytest.raises(ValueError, match="depth_range"):
+        sampler(0, depth_range=(0.5, 0.2), **kw)
+
+
 def test_multikey_needles_and_question():
     s = multikey_sample(3, seed=4, tokenizer=TOK, context_tokens=5000, num_needles=5, depth=0.3)
     assert len(set(s["keys"])) == 5 and len(set(s["values"])) == 5

@@ -100,6 +100,12 @@ def test_harness_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
     assert all(r["score"] > 1.0 for r in ppl)
     table = (out / "table.md").read_text()
     assert "| passkey | 600 |" in table and "qasper:qa_f1" in table
+    # every synthetic row says where its needle sits; a deeper needle sits later in the stream
+    synth = {(r["task"], r["length"], r["depth"]): r["needle_token"] for r in qa
+             if r["method"] == "edgeinfinite" and r["task"] in ("passkey", "multikey")}
+    assert all(v is not None for v in synth.values())
+    assert synth[("passkey", 600, 0.2)] < synth[("passkey", 600, 0.8)]
+    assert "| needle in |" in table
     for name in ("accuracy_vs_length.png", "passkey_heatmap.png", "perplexity.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert res["plots"] == ["accuracy_vs_length.png", "passkey_heatmap.png", "perplexity.png"]
@@ -133,3 +139,34 @@ def test_interrupted_run_resumes_with_only_the_missing_examples(tiny_model_dir, 
     with pytest.raises(SystemExit) as e:
         main([*args[:-2], "--samples", "4", "--out", str(out), "--resume"])
     assert e.value.code == 2 and "--samples" in capsys.readouterr().err
+
+
+class _CharTokenizer:  # one id per character: needle positions are easy to check by hand
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_needle_token_finds_the_value_and_write_index_places_it():
+    from eijax.eval.report import write_index
+    from eijax.eval.tasks import needle_token
+
+    doc = _CharTokenizer().encode("filler filler The key is 4711. more filler")
+    at = needle_token(_CharTokenizer(), doc, "4711")
+    assert doc[at:at + 4] == [ord(c) for c in "4711"] and at == doc.index(ord("4"))
+    assert needle_token(_CharTokenizer(), doc, "9999") is None
+    # sink 8, window 16: positions 0-7 never written, 8-23 the first write, 24-39 the second
+    assert [write_index(p, 8, 16) for p in (7, 8, 23, 24, 40)] == [None, 0, 0, 1, 2]
+
+
+def test_by_write_table_splits_the_memory_method_only():
+    from eijax.eval.report import by_write_table
+
+    rows = [dict(task="passkey", length=1024, method="edgeinfinite", score=s, needle_token=p)
+            for s, p in [(0.0, 40), (0.0, 100), (1.0, 300), (1.0, 500), (0.0, 600)]]
+    rows += [dict(task="passkey", length=1024, method="full", score=1.0, needle_token=40),
+             dict(task="passkey", length=1024, method="edgeinfinite", score=1.0, needle_token=None)]
+    table = by_write_table(rows, sink=32, window=256)
+    assert "| passkey | 1024 | edgeinfinite | first write | 2 | 0.00 [" in table
+    assert "| passkey | 1024 | edgeinfinite | later writes | 3 | 0.67 [" in table
+    assert "full" not in table
+    assert by_write_table(rows[-2:-1], sink=32, window=256) == ""

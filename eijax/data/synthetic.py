@@ -196,14 +196,24 @@ def _haystack(rng: np.random.Generator, filler: Filler, tokenizer: Any, fixed_te
     return filler.take(int(rng.integers(len(filler.sentences))), budget)
 
 
+def _random_depth(u: float, depth_range: Sequence[float]) -> float:
+    """A uniform draw u in [0, 1) mapped into [lo, hi): the default (0, 1) leaves the draw (and so
+    every sample of a seed) unchanged."""
+    lo, hi = (float(x) for x in depth_range)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"depth_range must satisfy 0 <= lo < hi <= 1, got {list(depth_range)}")
+    return lo + (hi - lo) * float(u)
+
+
 def passkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
-                   depth: float | None = None, filler: Filler | None = None) -> dict[str, Any]:
+                   depth: float | None = None, filler: Filler | None = None,
+                   depth_range: Sequence[float] = (0.0, 1.0)) -> dict[str, Any]:
     """One passkey-retrieval sample (see the module docstring)."""
     rng = _rng("passkey", seed, index)
     filler = filler or Filler.for_tokenizer(tokenizer)
     key = str(int(rng.integers(10000, 100000)))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    d = float(rng.uniform()) if depth is None else float(depth)
+    d = _random_depth(rng.uniform(), depth_range) if depth is None else float(depth)
     sents, counts = _haystack(rng, filler, tokenizer, f"{PASSKEY_PREAMBLE} {needle}",
                               context_tokens)
     hay, actual = _insert_at_depths(sents, counts, [needle], [d])
@@ -214,9 +224,10 @@ def passkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int
 
 def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
                     num_needles: int = 4, depth: float | None = None,
-                    filler: Filler | None = None) -> dict[str, Any]:
-    """One multi-key needle QA sample. `depth` fixes the depth of the asked needle;
-    the others are always at random depths."""
+                    filler: Filler | None = None,
+                    depth_range: Sequence[float] = (0.0, 1.0)) -> dict[str, Any]:
+    """One multi-key needle QA sample. `depth` fixes the depth of the asked needle (else drawn
+    from `depth_range`); the others are always at random depths."""
     rng = _rng("multikey", seed, index)
     filler = filler or Filler.for_tokenizer(tokenizer)
     pairs = rng.choice(len(_ADJECTIVES) * len(_NOUNS), size=num_needles, replace=False)
@@ -225,8 +236,7 @@ def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: in
     needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
     asked = int(rng.integers(num_needles))
     depths = rng.uniform(size=num_needles)
-    if depth is not None:
-        depths[asked] = depth
+    depths[asked] = _random_depth(depths[asked], depth_range) if depth is None else depth
     sents, counts = _haystack(rng, filler, tokenizer,
                               MULTIKEY_PREAMBLE + " " + " ".join(needles), context_tokens)
     hay, actual = _insert_at_depths(sents, counts, needles, list(depths))
@@ -241,7 +251,8 @@ def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: in
 
 
 def digitkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
-                    depth: float | None = None, filler: WordFiller | None = None) -> dict[str, Any]:
+                    depth: float | None = None, filler: WordFiller | None = None,
+                    depth_range: Sequence[float] = (0.0, 1.0)) -> dict[str, Any]:
     """One digit-key sample (see the module docstring). A `filler` other than a WordFiller (e.g.
     the book's, which generic callers pass to every task) is ignored."""
     rng = _rng("digitkey", seed, index)
@@ -251,7 +262,7 @@ def digitkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: in
     block = np.random.default_rng((int(seed), _TASK_SALT["digitkey"], int(index) // 10, 1))
     digit = str(int(block.permutation(10)[int(index) % 10]))
     needle = f"The key is {digit}."
-    d = float(rng.uniform()) if depth is None else float(depth)
+    d = _random_depth(rng.uniform(), depth_range) if depth is None else float(depth)
     budget = context_tokens - len(tokenizer.encode(f"{DIGITKEY_PREAMBLE} {needle}", add_special_tokens=False))
     if budget < 0:
         raise ValueError(f"context_tokens={context_tokens} is too small for the task text")

@@ -5,7 +5,8 @@
     python -m eijax.eval --model smollm2 --tasks none --longbench data/qasper.jsonl --ppl-file book.txt
 
 Writes to --out: rows.jsonl (one row per example and method, appended as each is scored),
-table.md and table.csv (task x length x method), accuracy_vs_length.png, passkey_heatmap.png,
+table.md and table.csv (task x length x method; table.md also splits the memory method's accuracy by
+whether the needle sat in the first window written to memory or a later one), accuracy_vs_length.png, passkey_heatmap.png,
 perplexity.png, and args.json. An interrupted run continues with the same arguments plus --resume.
 """
 
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 write(r)
                 rows.append(r)
     table = report.markdown_table(rows)
+    by_write = report.by_write_table(rows, memory.sink, memory.window)
+    if by_write:  # where the memory's misses are: a needle in the first write vs later ones
+        table += "\n" + by_write
     (out / "table.md").write_text(table, encoding="utf-8")
     report.write_csv(report.aggregate(rows), out / "table.csv")
     plots = {name: fn(rows, out / name) for name, fn in [("accuracy_vs_length.png", report.plot_accuracy_vs_length),

@@ -42,6 +42,30 @@ def _cell(a: dict[str, Any]) -> str:
     return f"{a['score']:.3f}"
 
 
+def write_index(needle_token: int, sink: int, window: int) -> int | None:
+    """Which memory write holds a needle at this prompt position: 0 = the first window folded into
+    memory, None = in the sink (never written)."""
+    return None if needle_token < sink else (needle_token - sink) // window
+
+
+def by_write_table(rows: Sequence[dict[str, Any]], sink: int, window: int,
+                   methods: Sequence[str] = ("edgeinfinite",)) -> str:
+    """Accuracy of the memory methods split by where the needle was written: in the first write
+    (the window folded into an empty memory) or a later one. Rows without `needle_token` are skipped."""
+    split = []
+    for r in rows:
+        if r.get("method") in methods and r.get("needle_token") is not None:
+            w = write_index(r["needle_token"], sink, window)
+            where = "sink" if w is None else "first write" if w == 0 else "later writes"
+            split.append({**r, "where": where})
+    if not split:
+        return ""
+    lines = ["| task | length | method | needle in | n | accuracy |", "|---|---|---|---|---|---|"]
+    for a in aggregate(split, ("task", "length", "method", "where")):
+        lines.append(f"| {a['task']} | {a['length']} | {a['method']} | {a['where']} | {a['n']} | {_cell(a)} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """task x length rows, one column per method (mean score [95% interval] for accuracies;
     perplexity for task 'ppl')."""

@@ -47,11 +47,24 @@ def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Seq
                 s = make_sample(task, i, seed=seed, tokenizer=tokenizer, context_tokens=int(length),
                                 depth=depth, filler=filler)
                 doc, question = prompt_parts(tokenizer, s["instruction"], s["context"])
+                meta = {"target": s["target"], "needle_token": needle_token(tokenizer, doc, s["target"])}
                 out.append(Example(task, int(length), doc, question,
                                    lambda text, s=s: float(score_answer(task, text, s)), max_new_tokens,
-                                   depth if depth is not None else s.get("depth"), {"target": s["target"]},
+                                   depth if depth is not None else s.get("depth"), meta,
                                    f"{task}/{length}/{depth}/{i}"))
     return out
+
+
+def needle_token(tokenizer, document: Sequence[int], target: str) -> int | None:
+    """Index in `document` of the first token of the asked needle's value (None if its tokens do not
+    occur as encoded alone): where in the stream, hence in which memory write, the answer sits."""
+    doc = list(document)
+    for text in (target, " " + target):  # bare first: BPE may fuse the space with the first digit
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        hit = next((j for j in range(len(doc) - len(ids) + 1) if doc[j:j + len(ids)] == ids), None)
+        if hit is not None:
+            return hit
+    return None
 
 
 def length_bucket(n_tokens: int, lengths: Sequence[int]) -> int:

@@ -82,6 +82,9 @@ class DataSection:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["passkey", "multikey"])
     files: list[str] = dataclasses.field(default_factory=list)   # jsonl/parquet globs (source=jsonl)
     context_lengths: list[int] = dataclasses.field(default_factory=lambda: [1024])  # synthetic context tokens
+    # synthetic: the asked needle's depth is drawn from each [lo, hi] range in turn (one source per
+    # task x length x range); [0, 0.12] at 2K tokens puts it in the first window written to memory
+    needle_depths: list[list[float]] = dataclasses.field(default_factory=lambda: [[0.0, 1.0]])
     batch_size: int = 1                # global batch (split over data x fsdp and processes)
     max_segments: int = 8
     buckets: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8])
