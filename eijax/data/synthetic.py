@@ -196,12 +196,18 @@ def _haystack(rng: np.random.Generator, filler: Filler, tokenizer: Any, fixed_te
     return filler.take(int(rng.integers(len(filler.sentences))), budget)
 
 
+def check_depth_range(depth_range: Sequence[float]) -> tuple[float, float]:
+    """(lo, hi) of a needle depth range; ValueError unless 0 <= lo < hi <= 1."""
+    r = tuple(float(x) for x in depth_range)
+    if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 1.0:
+        raise ValueError(f"depth_range must be [lo, hi] with 0 <= lo < hi <= 1, got {list(depth_range)}")
+    return r
+
+
 def _random_depth(u: float, depth_range: Sequence[float]) -> float:
     """A uniform draw u in [0, 1) mapped into [lo, hi): the default (0, 1) leaves the draw (and so
     every sample of a seed) unchanged."""
-    lo, hi = (float(x) for x in depth_range)
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"depth_range must satisfy 0 <= lo < hi <= 1, got {list(depth_range)}")
+    lo, hi = check_depth_range(depth_range)
     return lo + (hi - lo) * float(u)
 
 

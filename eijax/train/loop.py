@@ -85,9 +85,12 @@ def data_config(config: Config, seed_offset: int = 0) -> dict[str, Any]:
     if d.batch_size % jax.process_count():
         raise ConfigError(f"data.batch_size={d.batch_size} must divide over {jax.process_count()} processes")
     if d.source == "synthetic":
-        for r in d.needle_depths:
-            if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 1.0:
-                raise ConfigError(f"data.needle_depths: each range is [lo, hi] with 0 <= lo < hi <= 1, got {r}")
+        from eijax.data.synthetic import check_depth_range
+        for r in d.needle_depths:  # checked here, where the error can name the key, not at the first sample
+            try:
+                check_depth_range(r)
+            except ValueError as e:
+                raise ConfigError(f"data.needle_depths: {e}") from None
         # the default range passes nothing, so its samples are those of runs made before the option
         ranges = [{} if list(r) == [0.0, 1.0] else {"depth_range": tuple(r)} for r in d.needle_depths]
         sources = [dict(type="synthetic", task=t, num_samples=1_000_000, context_tokens=n, **r)
