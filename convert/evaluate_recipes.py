@@ -26,7 +26,7 @@ from convert.litert_runtime import LiteRTModel, Streamer
 def teacher_forced_logits(model: LiteRTModel, tokens: Sequence[int], n_prefill: int) -> np.ndarray:
     """Logits [len(tokens) - n_prefill, V]: row j predicts tokens[n_prefill + j + 1]."""
     streamer = Streamer(model)
-    logits, state = streamer.prefill(model.init_state(), tokens[:n_prefill])
+    logits, state = streamer.prefill(model.init_state(), tokens[:n_prefill], model.prime_point(len(tokens)))
     rows = [logits]
     for token in tokens[n_prefill:-1]:
         logits, state = streamer.decode_step(state, int(token))

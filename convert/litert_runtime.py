@@ -19,6 +19,11 @@ from eijax.cli import InputError
 from eijax.schedule import Chunk, plan_chunks
 
 META_SUFFIX = ".json"  # scenario + model facts written next to each .tflite by convert.to_litert
+PRIOR_SUFFIX = ".prior.safetensors"  # the memory prior (mem_M_i, mem_z_i without batch), when the model has one
+
+
+def prior_path(tflite: Path) -> Path:
+    return Path(tflite).with_suffix(PRIOR_SUFFIX)
 
 
 class SignatureCall:
@@ -77,6 +82,7 @@ class LiteRTModel:
         self.cache_size = int(self.state_specs["valid"]["shape"][1])
         self.batch = int(self.state_specs["valid"]["shape"][0])
         self.sink = int(self.meta["sink"]) if "sink" in self.meta else self._probe_sink()
+        self.prior = _load_prior(prior_path(self.path), self.state_specs)
 
     def _probe_sink(self) -> int:
         """The sink size read from the graph itself (compress of a full cache leaves fill = sink), so a
@@ -87,6 +93,18 @@ class LiteRTModel:
 
     def init_state(self) -> dict[str, np.ndarray]:
         return {name: np.zeros(d["shape"], d["dtype"]) for name, d in self.state_specs.items()}
+
+    def prime(self, state: dict) -> dict:
+        """Memory := the prior, read from the next token on (eijax EdgeInfiniteLM.prime); unchanged
+        when the graphs came without a prior file."""
+        if self.prior is None:
+            return state
+        primed = {k: np.broadcast_to(v, state[k].shape).copy() for k, v in self.prior.items()}
+        return {**state, **primed, "written": np.ones_like(state["written"])}
+
+    def prime_point(self, n_tokens: int) -> int | None:
+        """Where a fresh stream of `n_tokens` is primed: after the sink of an input longer than the cache."""
+        return self.sink if self.prior is not None and n_tokens > self.cache_size else None
 
     def prefill(self, state: dict, tokens: np.ndarray, n_valid: np.ndarray) -> tuple[np.ndarray, dict]:
         """tokens int32 [B, T] (T one of self.chunks, or 1 for decode); returns (last logits [B, V], state)."""
@@ -115,10 +133,15 @@ class Streamer:
         """The same schedule as eijax.generate (eijax.schedule.plan_chunks)."""
         return plan_chunks(fill, n_tokens, cache_size=self.model.cache_size, sink=self.model.sink, sizes=self.sizes)
 
-    def prefill(self, state: dict, tokens: Sequence[int]) -> tuple[np.ndarray, dict]:
-        """Any number of tokens in; returns (logits [V] of the last one, state)."""
+    def prefill(self, state: dict, tokens: Sequence[int], prime_at: int | None = None) -> tuple[np.ndarray, dict]:
+        """Any number of tokens in; returns (logits [V] of the last one, state). With `prime_at`,
+        the memory starts from its prior before tokens[prime_at] (see LiteRTModel.prime_point)."""
         if not len(tokens):
             raise ValueError("prefill needs at least one token")
+        if prime_at is not None:
+            logits, state = self.prefill(state, tokens[:prime_at]) if prime_at else (None, state)
+            state = self.model.prime(state)
+            return self.prefill(state, tokens[prime_at:]) if prime_at < len(tokens) else (logits, state)
         logits = None
         for start, n, size, fold in self.chunks(int(state["fill"][0]), len(tokens)):
             if fold:
@@ -139,12 +162,14 @@ class Streamer:
         """Greedy ids after `prompt` (with `question`: question-last, the document's window folded first)."""
         state = self.model.init_state()
         n_prompt = len(prompt) + len(question or [])
+        prime_at = self.model.prime_point(n_prompt)
         if prompt and question and n_prompt > self.model.cache_size:
-            _, state = self.prefill(state, prompt)
+            in_doc = prime_at is not None and prime_at < len(prompt)
+            _, state = self.prefill(state, prompt, prime_at if in_doc else None)
             state = self.model.compress(state)
-            logits, state = self.prefill(state, question)
+            logits, state = self.prefill(state, question, None if prime_at is None or in_doc else prime_at - len(prompt))
         else:
-            logits, state = self.prefill(state, list(prompt) + list(question or []))
+            logits, state = self.prefill(state, list(prompt) + list(question or []), prime_at)
         for i in range(max_new_tokens):
             token = int(np.argmax(logits))
             if token in stop_ids:
@@ -152,3 +177,17 @@ class Streamer:
             yield token
             if i + 1 < max_new_tokens:
                 logits, state = self.decode_step(state, token)
+
+
+def _load_prior(path: Path, specs: dict) -> dict[str, np.ndarray] | None:
+    """The prior file's tensors, checked against the graphs' memory inputs (batch dim dropped)."""
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    prior = load_file(str(path))
+    for name, value in prior.items():
+        if name not in specs or tuple(specs[name]["shape"][1:]) != value.shape:
+            raise InputError(f"{path}: {name} {value.shape} does not fit the graphs' state "
+                             f"({tuple(specs[name]['shape'][1:]) if name in specs else 'no such input'})")
+    return prior

@@ -27,6 +27,7 @@ from eijax import cli
 from eijax.model import EdgeInfiniteLM
 
 from convert.budget import budget
+from convert.litert_runtime import prior_path
 from convert.scenarios import Scenario, load_scenario
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
@@ -71,7 +72,22 @@ def export_float(model: EdgeInfiniteLM, scenario: Scenario, out_path: str | Path
     out_path.parent.mkdir(parents=True, exist_ok=True)
     converter.convert().export(str(out_path))
     write_meta(out_path, scenario, FLOAT, meta or {})
+    write_prior(twin, out_path)
     return out_path
+
+
+def write_prior(twin, tflite: Path) -> None:
+    """The memory prior beside the graph (runners start long prompts from it): mem_M_i, mem_z_i."""
+    from safetensors.numpy import save_file
+
+    if not twin.primes:
+        return
+    tensors = {}
+    for i, block in enumerate(twin.blocks):
+        if block.use_memory:
+            tensors[f"mem_M_{i}"] = block.memory_prior.M.detach().numpy().astype(np.float32)
+            tensors[f"mem_z_{i}"] = block.memory_prior.z.detach().numpy().astype(np.float32)
+    save_file(tensors, str(prior_path(tflite)))
 
 
 def write_meta(path: Path, scenario: Scenario, recipe: str, extra: dict) -> None:
@@ -95,7 +111,7 @@ def calibration_data(float_path: Path, prompts: Sequence[Sequence[int]], decode_
     streamer = Streamer(model)
     for prompt in prompts:
         state = model.init_state()
-        logits, state = streamer.prefill(state, prompt)
+        logits, state = streamer.prefill(state, prompt, model.prime_point(len(prompt)))
         for _ in range(decode_steps):
             logits, state = streamer.decode_step(state, int(np.argmax(logits)))
         if not data["compress"]:
@@ -218,6 +234,8 @@ def convert(checkpoint: str, scenario_name: str, recipes: Sequence[str], out_dir
         else:
             quantize(float_path, rules, out, calibration)
         write_meta(out, scenario, name, meta)
+        if prior_path(float_path).is_file():  # the prior is float32 state, the same for every recipe
+            shutil.copyfile(prior_path(float_path), prior_path(out))
         paths[name] = out
         log(f"[{name}] quantised in {time.perf_counter() - t1:.1f}s")
     log(f"scenario {scenario.name}: sink {scenario.sink}, window {scenario.window}, chunks {list(scenario.chunks)}, "

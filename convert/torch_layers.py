@@ -186,6 +186,15 @@ class MemoryWriteGate(nn.Module):
         return 2.0 * torch.sigmoid((kv * self.w).sum(dim=-1) + self.b)
 
 
+class MemoryPrior(nn.Module):
+    """eijax's memory prior (MemoryConfig.prior): the memory a long prompt starts from, per layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.M = nn.Parameter(torch.zeros(cfg.n_kv_heads, cfg.head_dim, cfg.head_dim))
+        self.z = nn.Parameter(torch.zeros(cfg.n_kv_heads, cfg.head_dim))
+
+
 class MemoryAdapter(nn.Module):
     """eijax's optional memory-path maps (MemoryConfig.adapter): per-head d x d on the q that reads
     memory and the k/v written to it; the local path never sees them."""
@@ -235,6 +244,7 @@ class Block(nn.Module):
         self.gate = MemoryGate(cfg, mem)
         self.memory_adapter = MemoryAdapter(cfg) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg) if mem.write_gate else None
+        self.memory_prior = MemoryPrior(cfg) if mem.prior else None  # read by the model's prime, not here
         self.mlp_norm = norm(cfg.d_model)
         self.mlp = MLP(cfg)
         # Gemma normalises the attention and MLP outputs too, before the residual add

@@ -132,6 +132,23 @@ class EdgeInfiniteTorch(nn.Module):
                      z=zeros(batch, hkv, d), valid=torch.zeros(batch, c, dtype=torch.bool),
                      fill=torch.zeros((), dtype=torch.int32), written=torch.zeros(batch, dtype=torch.bool), **local)
 
+    @property
+    def primes(self) -> bool:
+        """Whether long inputs start from the memory prior (eijax EdgeInfiniteLM.prime)."""
+        return self.memory_config.enabled and self.memory_config.prior
+
+    def prime(self, state: State) -> State:
+        """Memory := the prior (global layers), read from the next token on; unchanged without a prior.
+        Applied once the sink is full, to inputs longer than sink + window, as eijax does."""
+        if not self.primes:
+            return state
+        b = state.written.shape[0]
+        M = [blk.memory_prior.M.detach().expand(b, *blk.memory_prior.M.shape).clone() if blk.use_memory else m
+             for blk, m in zip(self.blocks, state.M)]
+        z = [blk.memory_prior.z.detach().expand(b, *blk.memory_prior.z.shape).clone() if blk.use_memory else zz
+             for blk, zz in zip(self.blocks, state.z)]
+        return dataclasses.replace(state, M=M, z=z, written=torch.ones_like(state.written))
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = F.embedding(tokens, self.embed)
         return x if self.embed_scale is None else x * torch.tensor(self.embed_scale, dtype=x.dtype)

@@ -126,6 +126,12 @@ class MemoryConfig:
     # so β = 1 and the plain rule is unchanged until training moves them; the cache holds k and v
     # already, so it costs no state.
     write_gate: bool = False
+    # Memory prior (README "Decisions"): a prompt longer than sink + window starts its memory from
+    # stored per-layer (M0, z0) instead of zeros and reads it from the first token after the sink, so
+    # the first window folded into memory is computed and written the way every later one is (the
+    # first write into an empty memory was where a trained SmolLM2 lost most needles). Prompts that
+    # fit the cache never touch it: they stay exactly the base model.
+    prior: bool = False
     # "auto": no remat on CPU (memory is plentiful there and a third of the step's FLOPs would go to
     # recomputing the forward), "segment" on accelerators, where HBM bounds the sequence length.
     remat: RematPolicy = "auto"

@@ -117,6 +117,10 @@ def _compress(graphdef, params, state):
     return nnx.merge(graphdef, params).compress(state)
 
 
+def _prime(graphdef, params, state):
+    return nnx.merge(graphdef, params).prime(state)
+
+
 def _decode_step(graphdef, params, layer_params, state, token, key, temperature, top_p):
     """Feed one token, sample the next (the caller folds a full window first: `Engine.decode`). The
     layers are unrolled over `layer_params` and the per-layer caches of `state` (`split_caches`).
@@ -151,6 +155,7 @@ class Engine:
         self._prefill = jax.jit(functools.partial(_prefill_chunk, g), donate_argnums=1)
         self._score = jax.jit(functools.partial(_score_chunk, g), donate_argnums=1)
         self._compress = jax.jit(functools.partial(_compress, g), donate_argnums=1)
+        self._prime = jax.jit(functools.partial(_prime, g), donate_argnums=1)
         # Decode runs unrolled over per-layer copies of the weights: 56 -> 36 ms a SmolLM2 token,
         # for the memory of a second copy of the layers (benchmarks/decode_step.py). Engines of
         # one model share it (`layer_params`, from `split_layers(model)`).
@@ -177,7 +182,7 @@ class Engine:
             n += size
         key, zero = jax.random.PRNGKey(0), jnp.float32(0)
         token = self._sample(logits, key, zero, jnp.float32(1))
-        state = self._split_caches(self._compress(self.params, state))
+        state = self._split_caches(self._compress(self.params, self._prime(self.params, state)))
         _, _, state, _ = self._decode_executable()(self.params, self.layer_params, state, token, key, zero, jnp.float32(1))
         jax.block_until_ready(self._stack_caches(state))
 
@@ -202,8 +207,16 @@ class Engine:
         return plan_chunks(fill, n_tokens, cache_size=self.cache_size, sink=self.memory_config.sink,
                            sizes=self.chunk_sizes)
 
-    def _feed(self, state: State, tokens: Sequence[int], step: Callable, extra: np.ndarray | None = None):
-        """Run `tokens` through the cache in chunks, folding when full; returns (outputs, state)."""
+    def _feed(self, state: State, tokens: Sequence[int], step: Callable, extra: np.ndarray | None = None,
+              prime_at: int | None = None):
+        """Run `tokens` through the cache in chunks, folding when full; returns (outputs, state).
+        `prime_at`: start the memory from its prior (EdgeInfiniteLM.prime) before tokens[prime_at]."""
+        if prime_at is not None:
+            head = (self._feed(state, tokens[:prime_at], step, None if extra is None else extra[:prime_at])
+                    if prime_at else ([], state))
+            tail, state = self._feed(self._prime(self.params, head[1]), tokens[prime_at:], step,
+                                     None if extra is None else extra[prime_at:])
+            return head[0] + tail, state
         outs = []
         fill = int(state.fill)
         for start, n, size, fold in self._chunks(fill, len(tokens)):
@@ -224,12 +237,18 @@ class Engine:
             fill += n
         return outs, state
 
-    def prefill(self, state: State, tokens: Sequence[int]) -> tuple[jax.Array, State]:
-        """Stream tokens of any length in; returns (logits [1, V] of the last token, state)."""
+    def prefill(self, state: State, tokens: Sequence[int], prime_at: int | None = None) -> tuple[jax.Array, State]:
+        """Stream tokens of any length in; returns (logits [1, V] of the last token, state). With
+        `prime_at`, the memory starts from its prior before tokens[prime_at] (see `prime_point`)."""
         if not len(tokens):
             raise ValueError("prefill needs at least one token")
-        outs, state = self._feed(state, tokens, self._prefill)
+        outs, state = self._feed(state, tokens, self._prefill, prime_at=prime_at)
         return outs[-1][0], state
+
+    def prime_point(self, n_tokens: int) -> int | None:
+        """Where a fresh stream of `n_tokens` starts its memory from the prior: after the sink, for
+        inputs longer than the cache (MemoryConfig.prior); None when it does not (short input, no prior)."""
+        return self.memory_config.sink if self.model.primes and route(n_tokens, self.memory_config) == "stream" else None
 
     def compress(self, state: State) -> State:
         return self._compress(self.params, state)
@@ -237,7 +256,7 @@ class Engine:
     def score(self, state: State, tokens: Sequence[int]) -> tuple[np.ndarray, State]:
         """NLL of tokens[1:] given their prefixes, streamed through the cache: float [len-1]."""
         targets = np.append(np.asarray(tokens[1:], np.int32), 0)
-        outs, state = self._feed(state, tokens, self._score, targets)
+        outs, state = self._feed(state, tokens, self._score, targets, prime_at=self.prime_point(len(tokens)))
         nll = np.concatenate([np.asarray(o)[0, :n] for o, n in outs])
         return nll[:-1], state
 
@@ -321,12 +340,16 @@ class Generator:
             engine.prepare_decode()
         kind = route(n_prompt, engine.memory_config)
         state = engine.init_state()
+        prime_at = engine.prime_point(n_prompt)
         if kind == "plain" or len(parts) == 1 or self.method == "full":
-            logits, state = engine.prefill(state, [t for p in parts for t in p])
+            logits, state = engine.prefill(state, [t for p in parts for t in p], prime_at)
         else:  # question-last: the document's partial window goes to memory; the question starts a segment
-            _, state = engine.prefill(state, parts[0])
+            doc, question = parts
+            in_doc = prime_at is not None and prime_at < len(doc)
+            _, state = engine.prefill(state, doc, prime_at if in_doc else None)
             state = engine.compress(state)
-            logits, state = engine.prefill(state, parts[1])
+            at_question = None if prime_at is None or in_doc else max(0, prime_at - len(doc))
+            logits, state = engine.prefill(state, question, at_question)
         return logits, state, engine, n_prompt, kind
 
     def generate(self, prompt: Sequence[int], sampling: SamplingConfig = SamplingConfig(), *,

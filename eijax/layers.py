@@ -129,9 +129,19 @@ class MemoryAdapter(nnx.Module):
         self.v = nnx.Param(eye(hkv), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
 
 
+class MemoryPrior(nnx.Module):
+    """The memory a long prompt starts from (MemoryConfig.prior): M0 [Hkv, d, d], z0 [Hkv, d] per layer,
+    float32 like the memory itself. Zeros here; `eijax.memory_prior.prime` fills them from a primer text."""
+
+    def __init__(self, cfg: ModelConfig, *, lead, lead_axes):
+        hkv, d = cfg.n_kv_heads, cfg.head_dim
+        self.M = nnx.Param(jnp.zeros((*lead, hkv, d, d), jnp.float32), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
+        self.z = nnx.Param(jnp.zeros((*lead, hkv, d), jnp.float32), axes=(*lead_axes, "kv_heads_n", "head_dim"))
+
+
 # The per-layer modules EdgeInfinite adds to the base model (Block attribute names): the memory path
 # of DESIGN §1.2, what trains, what a memory file holds and what the twin keeps beside the base weights.
-MEMORY_PATH = ("gate", "memory_adapter", "write_gate")
+MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior")
 
 
 class MemoryWriteGate(nnx.Module):
@@ -206,6 +216,8 @@ class Block(nnx.Module):
         self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
         self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.write_gate else None
+        # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
+        self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes) if mem.prior else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)
         self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
         if cfg.gemma:  # Gemma normalises the attention and MLP outputs too, before the residual add

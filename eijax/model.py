@@ -84,6 +84,26 @@ class EdgeInfiniteLM(nnx.Module):
             **local,
         )
 
+    @property
+    def primes(self) -> bool:
+        """Whether long inputs start from the memory prior (see `prime`)."""
+        return self.memory_config.enabled and self.blocks.memory_prior is not None
+
+    def prime(self, state: State) -> State:
+        """Start the memory from the stored prior (M0, z0) and read it from the next token on: applied
+        once the sink is full, only to inputs longer than sink + window (MemoryConfig.prior). Any other
+        state passes through unchanged, so callers need not check `primes`."""
+        if not self.primes:
+            return state
+        prior, b = self.blocks.memory_prior, state.written.shape[0]
+        lead = lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], b, *a.shape[1:])).astype(state.memory.M.dtype)
+        memory = mem_lib.Memory(M=lead(prior.M[...]), z=lead(prior.z[...]))
+        if self.config.has_local_layers:  # memory lives in the global layers only
+            is_global = ~jnp.asarray(self.config.local_layers)
+            memory = jax.tree.map(lambda new, old: jnp.where(is_global.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
+                                  memory, state.memory)
+        return state._replace(memory=memory, written=jnp.ones_like(state.written))
+
     # ---------------------------------------------------------------- pieces
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         dtype = to_dtype(self.config.dtype)
@@ -285,7 +305,7 @@ class EdgeInfiniteLM(nnx.Module):
         `frozen_local=True` says that only memory-path parameters (gate, memory adapter) are being
         differentiated. The sink and segment 0 run with memory empty, so their local path (gate
         bypassed) depends on nothing trainable: their backward is skipped (stop_gradient), a
-        quarter of a 4-segment step. Values are unchanged; only gradients of local-path
+        quarter of a 4-segment step (the sink only, when a memory prior is read from segment 0). Values are unchanged; only gradients of local-path
         parameters would be lost, hence the flag.
         """
         mem = self.memory_config
@@ -307,6 +327,10 @@ class EdgeInfiniteLM(nnx.Module):
                 h_sink, state = jax.lax.stop_gradient((h_sink, state))
             parts.append(h_sink)
         sink_state = state
+        # a long input starts its memory from the prior once the sink is in (as Generator does)
+        primed = n_seg > 1 and self.primes
+        if primed:
+            state = self.prime(state)
         every = mem.stop_gradient_every
 
         def body(carry, xs, frozen=False):
@@ -330,7 +354,7 @@ class EdgeInfiniteLM(nnx.Module):
             return x[:, at:at + length], valid[:, at:at + length], jnp.asarray(i)
 
         first = 0
-        if frozen_local and n_seg > 1:  # segment 0 outside the scan, without its backward
+        if frozen_local and n_seg > 1 and not primed:  # segment 0 outside the scan, without its backward
             carry, h0 = body_frozen(carry, segment(0, w))
             parts.append(h0)
             first = 1
@@ -381,11 +405,11 @@ def _local_part(state: State) -> dict[str, jax.Array] | None:
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
     """The same parameter arrays (shared, not copied) under another MemoryConfig, e.g. another
-    sink/window or memory off for the baselines. Gate type, adapter and write gate are parameters: they must match."""
+    sink/window or memory off for the baselines. Gate type, adapter, write gate and prior are parameters: they must match."""
     old = model.memory_config
     if memory == old:
         return model
-    fields = ("gate", "adapter", "write_gate")
+    fields = ("gate", "adapter", "write_gate", "prior")
     if any(getattr(memory, f) != getattr(old, f) for f in fields):
         raise ValueError("gate/adapter/write_gate change the parameters: have "
                          + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "

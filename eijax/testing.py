@@ -134,6 +134,8 @@ def segment_loop(model, tokens, valid):
     s, w = model.memory_config.sink, model.memory_config.window
     state = model.init_state(tokens.shape[0])
     h, state = prefill(model, state, tokens[:, :s], valid[:, :s])
+    if tokens.shape[1] > s + w:  # a long input starts from the memory prior, if the model has one
+        state = model.prime(state)
     hidden, windows, memories = [h], [], []
     for at in range(s, tokens.shape[1], w):
         sl = slice(at, at + w)

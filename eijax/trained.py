@@ -143,7 +143,7 @@ def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
     """`override` (e.g. another sink/window for inference) with what the trained weights need kept:
-    gate type, adapter, write gate, memory rule and eps."""
+    gate type, adapter, write gate, prior, memory rule and eps."""
     if override is None:
         return saved
     if override.enabled and saved.enabled and (override.sink, override.window) != (saved.sink, saved.window):
@@ -152,7 +152,7 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
         log.warning("the memory path was trained with sink %d + window %d; running it with sink %d + window %d, "
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
-                               write_gate=saved.write_gate, rule=saved.rule, eps=saved.eps)
+                               write_gate=saved.write_gate, prior=saved.prior, rule=saved.rule, eps=saved.eps)
 
 
 def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | None):
@@ -278,15 +278,16 @@ def _set_from_memory_file(model, stem: Path, meta: dict[str, Any]) -> list[str]:
 def init_from_trained(model, source: str | Path) -> list[str]:
     """Warm start: put the trained memory-path params of `source` into `model` in place (the model's
     memory rule, gate and adapter must be the ones they were trained with; a write gate the source lacks
-    starts at β = 1). Returns their patterns."""
+    starts at β = 1, a prior it lacks stays as the model has it, e.g. primed). Returns their patterns."""
     stem = memory_file_stem(source)
     meta = _trained_meta(source)
     saved = _saved_memory(meta)
     have = model.memory_config
     diff = [f"{k}: {getattr(saved, k)!r} vs {getattr(have, k)!r}" for k in ("rule", "gate", "adapter")
             if getattr(saved, k) != getattr(have, k)]
-    if saved.write_gate and not have.write_gate:  # the other way round is a warm start: β starts at 1
-        diff.append("write_gate: True vs False")
+    for k in ("write_gate", "prior"):  # the other way round is a warm start (β = 1; the model's prior)
+        if getattr(saved, k) and not getattr(have, k):
+            diff.append(f"{k}: True vs False")
     if diff:
         raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
                                  f"(trained vs run: {', '.join(diff)})")

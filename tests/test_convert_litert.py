@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 import eijax
+from eijax.memory_prior import prime
 from eijax.testing import random_tokens, randomise_memory_path, tiny_eijax_model
 
 from convert.budget import budget
@@ -32,8 +33,11 @@ BOUNDS = {  # recipe: (max logit rel err, min next-token agreement)
 
 
 def _model_with_gate():
-    model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True, write_gate=True))
+    """The whole memory path: gate, adapter, write gate and a memory prior (whose file travels with
+    every recipe's graph: the runner primes long prompts from it)."""
+    model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True, write_gate=True, prior=True))
     randomise_memory_path(model)
+    prime(model, random_tokens((4 + 16,), vocab=VOCAB, seed=12).tolist())
     return model
 
 
@@ -221,11 +225,17 @@ def test_runner_greedy_output_equals_eijax(exported):
     model, paths = exported
     document = random_tokens((45,), vocab=VOCAB, seed=3).tolist()  # longer than sink + window: streams
     question = random_tokens((6,), vocab=VOCAB, seed=4).tolist()
-    lite = list(Streamer(LiteRTModel(paths["float32"])).generate(document, 20, question=question))
+    runtime = LiteRTModel(paths["float32"])
+    assert runtime.prior is not None and runtime.prime_point(51) == 4  # the prior file came with the graph
+    lite = list(Streamer(runtime).generate(document, 20, question=question))
     ref = Generator(model, "edgeinfinite", chunk_sizes=(8, 4)).generate(
         document, SamplingConfig(max_new_tokens=20), question=question)
     assert ref.route == "stream" and len(lite) == 20
     assert lite == list(ref.tokens)
+    streamer = Streamer(runtime)
+    primed, _ = streamer.prefill(runtime.init_state(), document, runtime.prime_point(len(document)))
+    unprimed, _ = streamer.prefill(runtime.init_state(), document)
+    assert np.abs(primed - unprimed).max() > 1e-3 * np.abs(unprimed).max()  # the prior is read
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from flax import nnx
 
 import eijax
 from eijax.testing import random_tokens, randomise_memory_path, tiny_eijax_model, tiny_hf_model
+from eijax.memory_prior import prime
 
 from convert.loading import load_model
 from convert.signatures import Compress, Decode, Prefill, flatten_state
@@ -60,17 +61,20 @@ _prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
 _compress = nnx.jit(lambda m, s: m.compress(s))
 
 
-@pytest.mark.parametrize("family,rule,adapter,write_gate", [
-    ("llama", "linear", False, True), ("qwen2", "delta", False, False), ("qwen3", "delta", True, True),
-    ("gemma3", "delta", True, False)])
-def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate):
+@pytest.mark.parametrize("family,rule,adapter,write_gate,prior", [
+    ("llama", "linear", False, True, False), ("qwen2", "delta", False, False, False),
+    ("qwen3", "delta", True, True, True), ("gemma3", "delta", True, False, True)])
+def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate, prior):
     """Sink, chunked segments with padding, three compresses, then decode steps (batch 2). gemma3:
-    memory in its global layer, the local layers' history (4 tokens) rolled at every compress."""
-    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter, write_gate=write_gate)
+    memory in its global layer, the local layers' history (4 tokens) rolled at every compress.
+    With a memory prior, both start the memory from it after the sink."""
+    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter, write_gate=write_gate, prior=prior)
     model = tiny_eijax_model(family, mem)
     randomise_memory_path(model)
+    if prior:
+        prime(model, random_tokens((4 + 8,), seed=9).tolist())
     twin = to_torch(model)
-    if adapter or write_gate:  # the adapter and write gate survive the round trip too
+    if adapter or write_gate or prior:  # the adapter, write gate and prior survive the round trip too
         for a, b in zip(_params(model), _params(to_eijax(twin)), strict=True):
             np.testing.assert_array_equal(a, b)
     tokens = random_tokens((2, 40), seed=3)
@@ -86,6 +90,10 @@ def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate)
         _assert_states_close(js, ts)
 
     step(tokens[:, :4])
+    if prior:
+        js, ts = model.prime(js), twin.prime(ts)
+        _assert_states_close(js, ts)
+        assert bool(np.asarray(js.written).all()) and np.abs(np.asarray(js.memory.z)).max() > 0
     pos = 4
     for seg in range(3):
         valid = np.ones((2, 8), bool)

@@ -68,6 +68,10 @@ def build_model(config: Config):
         model = build_random(mc, config.memory, seed=config.run.seed)
     if m.init_memory:  # warm start (a resumed run's checkpoint still takes precedence)
         init_from_trained(model, m.init_memory)
+    prior = model.blocks.memory_prior
+    if prior is not None and not np.any(np.asarray(prior.z[...])):
+        raise ConfigError("memory.prior needs a prior to start from: set model.init_memory to a memory file that "
+                          "has one (python -m eijax.memory_prior SOURCE OUT writes it)")
     return model
 
 
