@@ -97,12 +97,15 @@ class EdgeInfiniteLM(nnx.Module):
             return state
         prior, b = self.blocks.memory_prior, state.written.shape[0]
         lead = lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], b, *a.shape[1:])).astype(state.memory.M.dtype)
-        memory = mem_lib.Memory(M=lead(prior.M[...]), z=lead(prior.z[...]))
-        if self.config.has_local_layers:  # memory lives in the global layers only
-            is_global = ~jnp.asarray(self.config.local_layers)
-            memory = jax.tree.map(lambda new, old: jnp.where(is_global.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
-                                  memory, state.memory)
+        memory = self._global_only(mem_lib.Memory(M=lead(prior.M[...]), z=lead(prior.z[...])), state.memory)
         return state._replace(memory=memory, written=jnp.ones_like(state.written))
+
+    def _global_only(self, new: mem_lib.Memory, old: mem_lib.Memory) -> mem_lib.Memory:
+        """`new` in the layers that have memory, `old` in local (sliding-window) layers."""
+        if not self.config.has_local_layers:
+            return new
+        is_global = ~jnp.asarray(self.config.local_layers)
+        return jax.tree.map(lambda n, o: jnp.where(is_global.reshape(-1, *(1,) * (n.ndim - 1)), n, o), new, old)
 
     # ---------------------------------------------------------------- pieces
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -248,11 +251,7 @@ class EdgeInfiniteLM(nnx.Module):
                                                           mem_lib.write_strength(*wb, k, v) if wb else None)
             gate = self.blocks.write_gate
             wb = () if gate is None else (gate.w[...], gate.b[...])
-            memory = jax.vmap(write)(memory.M, memory.z, k, v, *wb)
-            if self.config.has_local_layers:  # memory lives in the global layers only
-                is_global = ~jnp.asarray(self.config.local_layers)
-                memory = jax.tree.map(lambda new, old: jnp.where(is_global.reshape(-1, *(1,) * (new.ndim - 1)), new, old),
-                                      memory, state.memory)
+            memory = self._global_only(jax.vmap(write)(memory.M, memory.z, k, v, *wb), state.memory)
             written = written | window_valid.any(axis=1)
         local = self._roll_local_history(state) if self.config.has_local_layers else {}
         return state._replace(valid=state.valid.at[:, s:].set(False), fill=jnp.minimum(state.fill, s),

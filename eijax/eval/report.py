@@ -51,7 +51,8 @@ def write_index(needle_token: int, sink: int, window: int) -> int | None:
 def by_write_table(rows: Sequence[dict[str, Any]], sink: int, window: int,
                    methods: Sequence[str] = ("edgeinfinite",)) -> str:
     """Accuracy of the memory methods split by where the needle was written: in the first write
-    (the window folded into an empty memory) or a later one. Rows without `needle_token` are skipped."""
+    (the first window folded into memory: an empty one unless the model has a memory prior) or a
+    later one. Rows without `needle_token` are skipped."""
     split = []
     for r in rows:
         if r.get("method") in methods and r.get("needle_token") is not None:
