@@ -68,10 +68,6 @@ def build_model(config: Config):
         model = build_random(mc, config.memory, seed=config.run.seed)
     if m.init_memory:  # warm start (a resumed run's checkpoint still takes precedence)
         init_from_trained(model, m.init_memory)
-    prior = model.blocks.memory_prior
-    if prior is not None and not np.any(np.asarray(prior.z[...])):
-        raise ConfigError("memory.prior needs a prior to start from: set model.init_memory to a memory file that "
-                          "has one (python -m eijax.memory_prior SOURCE OUT writes it)")
     return model
 
 
@@ -146,6 +142,10 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
 
     # model, split into trainable (float32) and frozen
     model = build_model(config)
+    prior = model.blocks.memory_prior
+    if prior is not None and not np.any(np.asarray(prior.z[...])):
+        raise ConfigError("memory.prior needs a prior to start from: set model.init_memory to a memory file that "
+                          "has one (python -m eijax.memory_prior SOURCE OUT writes it)")
     graphdef, trainable_state, frozen = split_trainable(model, config.optim.trainable)
     n_train, n_all = count_params(trainable_state), count_params(trainable_state) + count_params(frozen)
     log0(f"model {config.model_name}: {n_all / 1e6:.1f}M params, training {n_train:,} "
