@@ -182,7 +182,9 @@ class Engine:
             n += size
         key, zero = jax.random.PRNGKey(0), jnp.float32(0)
         token = self._sample(logits, key, zero, jnp.float32(1))
-        state = self._split_caches(self._compress(self.params, self._prime(self.params, state)))
+        if self.model.primes:
+            state = self._prime(self.params, state)
+        state = self._split_caches(self._compress(self.params, state))
         _, _, state, _ = self._decode_executable()(self.params, self.layer_params, state, token, key, zero, jnp.float32(1))
         jax.block_until_ready(self._stack_caches(state))
 
