@@ -268,8 +268,12 @@ def _set_from_memory_file(model, stem: Path, meta: dict[str, Any]) -> list[str]:
     where = str(stem.with_suffix(".safetensors"))
     check_compatible(meta, model, None, where)
     patterns = meta["trainable_patterns"]
+    tensors = load_file(where)
+    if not model.memory_config.prior:  # a warm start that does not use the source's prior leaves it out
+        patterns = [p for p in patterns if p != "memory_prior"]
+        tensors = {k: v for k, v in tensors.items() if ".memory_prior." not in f".{k}."}
     current = nnx.to_pure_dict(nnx.state(model, param_filter(patterns)))
-    values = traverse_util.unflatten_dict(load_file(where), sep=".")
+    values = traverse_util.unflatten_dict(tensors, sep=".")
     check_shapes(values, current, where)
     set_params(model, values, patterns)
     return patterns
@@ -278,16 +282,16 @@ def _set_from_memory_file(model, stem: Path, meta: dict[str, Any]) -> list[str]:
 def init_from_trained(model, source: str | Path) -> list[str]:
     """Warm start: put the trained memory-path params of `source` into `model` in place (the model's
     memory rule, gate and adapter must be the ones they were trained with; a write gate the source lacks
-    starts at β = 1, a prior it lacks stays as the model has it, e.g. primed). Returns their patterns."""
+    starts at β = 1; a prior it lacks stays as the model has it, one the model lacks is left out).
+    Returns their patterns."""
     stem = memory_file_stem(source)
     meta = _trained_meta(source)
     saved = _saved_memory(meta)
     have = model.memory_config
     diff = [f"{k}: {getattr(saved, k)!r} vs {getattr(have, k)!r}" for k in ("rule", "gate", "adapter")
             if getattr(saved, k) != getattr(have, k)]
-    for k in ("write_gate", "prior"):  # the other way round is a warm start (β = 1; the model's prior)
-        if getattr(saved, k) and not getattr(have, k):
-            diff.append(f"{k}: True vs False")
+    if saved.write_gate and not have.write_gate:  # the other way round is a warm start: β starts at 1
+        diff.append("write_gate: True vs False")
     if diff:
         raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
                                  f"(trained vs run: {', '.join(diff)})")

@@ -15,7 +15,7 @@ import eijax
 from eijax.generate import Generator, SamplingConfig
 from eijax.memory_prior import primed_memory, prime
 from eijax.testing import padded_inputs, random_tokens, randomise_memory_path, segment_loop, tiny_eijax_model
-from eijax.trained import CheckpointMismatch, init_from_trained, save_memory_file
+from eijax.trained import init_from_trained, save_memory_file
 
 S, L = 4, 8
 fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
@@ -95,15 +95,17 @@ def test_streaming_engine_primes_as_the_laid_out_forward_does():
     np.testing.assert_allclose(np.asarray(logits_q), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_memory_file_carries_the_prior_and_warm_start_refuses_to_drop_it(tmp_path):
+def test_memory_file_carries_the_prior_and_a_run_without_one_leaves_it_out(tmp_path):
     model = _model()
     save_memory_file(model, PATTERNS, tmp_path / "primed", "tiny")
     fresh = _model(seed=0)
     fresh.blocks.memory_prior.M[...] = jnp.zeros_like(fresh.blocks.memory_prior.M[...])
     assert sorted(init_from_trained(fresh, tmp_path / "primed")) == sorted(PATTERNS)
     np.testing.assert_array_equal(fresh.blocks.memory_prior.M[...], model.blocks.memory_prior.M[...])
-    with pytest.raises(CheckpointMismatch, match="prior: True vs False"):
-        init_from_trained(_model(prior=False), tmp_path / "primed")
+    plain = _model(prior=False)  # e.g. an older experiment config warm-started from the shipped name
+    init_from_trained(plain, tmp_path / "primed")
+    np.testing.assert_array_equal(plain.blocks.gate.kernel[...], model.blocks.gate.kernel[...])
+    assert plain.blocks.memory_prior is None
     with pytest.raises(ValueError, match="prior"):
         eijax.with_memory_config(model, eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True,
                                                            write_gate=True))
