@@ -208,6 +208,14 @@ def test_missing_input_files(tmp_path, capsys):
         assert_user_error(e, capsys, option, "no such file")
 
 
+def test_memory_prior_of_an_unknown_source(tmp_path, capsys):
+    from eijax import memory_prior
+
+    with pytest.raises(SystemExit) as e:
+        memory_prior.main([str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert_user_error(e, capsys, "nope", "neither a packaged memory name")
+
+
 # ------------------------------------------------------------------ bugs keep their traceback
 @pytest.mark.parametrize("error", [RuntimeError("boom"), ValueError("internal"), KeyError("k")])
 def test_a_bug_still_propagates(tmp_path, monkeypatch, error):
