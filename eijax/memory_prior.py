@@ -28,7 +28,7 @@ def primer_tokens(tokenizer: Any, n_tokens: int) -> list[int]:
     """The first `n_tokens` tokens of the primer: the novel's paragraphs that hold no digit, in order.
     Digits are kept out because the prior is read at every recall: one made from Persuasion's
     opening (a baronetage entry full of dates) put its digits into recalled pass keys (9 of 30 at
-    1K, depth 0.1, against 21 of 30 with digit-free prose)."""
+    1K with the needle at depth 0.1, answers like 52149 for 52940; docs/memory-training.md)."""
     paragraphs = [p for p in PRIMER_TEXT.read_text(encoding="utf-8").splitlines() if p and not any(c.isdigit() for c in p)]
     ids: list[int] = []
     for p in paragraphs:
