@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from eijax.cli import InputError
-from eijax.schedule import Chunk, plan_chunks
+from eijax.schedule import Chunk, plan_chunks, split_prime_point
 
 META_SUFFIX = ".json"  # scenario + model facts written next to each .tflite by convert.to_litert
 PRIOR_SUFFIX = ".prior.safetensors"  # the memory prior (mem_M_i, mem_z_i without batch), when the model has one
@@ -164,10 +164,10 @@ class Streamer:
         n_prompt = len(prompt) + len(question or [])
         prime_at = self.model.prime_point(n_prompt)
         if prompt and question and n_prompt > self.model.cache_size:
-            in_doc = prime_at is not None and prime_at < len(prompt)
-            _, state = self.prefill(state, prompt, prime_at if in_doc else None)
+            in_doc, in_question = split_prime_point(prime_at, len(prompt))
+            _, state = self.prefill(state, prompt, in_doc)
             state = self.model.compress(state)
-            logits, state = self.prefill(state, question, None if prime_at is None or in_doc else prime_at - len(prompt))
+            logits, state = self.prefill(state, question, in_question)
         else:
             logits, state = self.prefill(state, list(prompt) + list(question or []), prime_at)
         for i in range(max_new_tokens):

@@ -37,7 +37,7 @@ from eijax import cli
 from eijax.config import MemoryConfig
 from eijax.data.layout import drop_middle as truncate_middle  # the S-SFT fitting rule: keep head and tail
 from eijax.model import EdgeInfiniteLM, State, split_caches, split_layers, stack_caches, with_memory_config
-from eijax.schedule import Chunk, plan_chunks
+from eijax.schedule import Chunk, plan_chunks, split_prime_point
 
 Method = Literal["edgeinfinite", "streaming", "full"]
 METHODS: tuple[str, ...] = ("edgeinfinite", "streaming", "full")
@@ -347,11 +347,10 @@ class Generator:
             logits, state = engine.prefill(state, [t for p in parts for t in p], prime_at)
         else:  # question-last: the document's partial window goes to memory; the question starts a segment
             doc, question = parts
-            in_doc = prime_at is not None and prime_at < len(doc)
-            _, state = engine.prefill(state, doc, prime_at if in_doc else None)
+            in_doc, in_question = split_prime_point(prime_at, len(doc))
+            _, state = engine.prefill(state, doc, in_doc)
             state = engine.compress(state)
-            at_question = None if prime_at is None or in_doc else max(0, prime_at - len(doc))
-            logits, state = engine.prefill(state, question, at_question)
+            logits, state = engine.prefill(state, question, in_question)
         return logits, state, engine, n_prompt, kind
 
     def generate(self, prompt: Sequence[int], sampling: SamplingConfig = SamplingConfig(), *,

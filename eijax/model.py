@@ -304,7 +304,8 @@ class EdgeInfiniteLM(nnx.Module):
         `frozen_local=True` says that only memory-path parameters (gate, memory adapter) are being
         differentiated. The sink and segment 0 run with memory empty, so their local path (gate
         bypassed) depends on nothing trainable: their backward is skipped (stop_gradient), a
-        quarter of a 4-segment step (the sink only, when a memory prior is read from segment 0). Values are unchanged; only gradients of local-path
+        quarter of a 4-segment step (the sink only, when a memory prior is read from segment 0).
+        Values are unchanged; only gradients of local-path
         parameters would be lost, hence the flag.
         """
         mem = self.memory_config

@@ -34,3 +34,11 @@ def plan_chunks(fill: int, n_tokens: int, *, cache_size: int, sink: int, sizes: 
         yield Chunk(done, n, size, fold)
         done += n
         fill += n
+
+
+def split_prime_point(prime_at: int | None, n_document: int) -> tuple[int | None, int | None]:
+    """Question-last prompts are fed as document, compress, question: where the memory prior is
+    applied within each part ((document index, None), (None, question index) or (None, None))."""
+    if prime_at is None:
+        return None, None
+    return (prime_at, None) if prime_at < n_document else (None, prime_at - n_document)
