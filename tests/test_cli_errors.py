@@ -194,12 +194,14 @@ def test_missing_input_files(tmp_path, capsys):
     from convert import run_litert
     from eijax import generate
     from eijax.eval import __main__ as evaluate
+    from eijax.eval import ppl_gap
 
     absent = str(tmp_path / "absent.txt")
     for main, args, option in [
         (generate.main, ["--prompt", "hi", "--document", absent], "--document"),
         (evaluate.main, ["--ppl-file", absent, "--out", str(tmp_path)], "--ppl-file"),
         (evaluate.main, ["--longbench", absent, "--out", str(tmp_path)], "--longbench"),
+        (ppl_gap.main, ["--file", absent], "--file"),
         (run_litert.main, ["--model", "x.tflite", "--prompt", "hi", "--document", absent], "--document"),
         (run_litert.main, ["--model", str(tmp_path / "x.tflite"), "--prompt", "hi"], "--model"),
     ]:

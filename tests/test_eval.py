@@ -170,3 +170,42 @@ def test_by_write_table_splits_the_memory_method_only():
     assert "| passkey | 1024 | edgeinfinite | later writes | 3 | 0.67 [" in table
     assert "full" not in table
     assert by_write_table(rows[-2:-1], sink=32, window=256) == ""
+
+
+def test_ppl_gap_groups_each_prediction_by_where_its_bigram_was_seen():
+    from eijax.eval.ppl_gap import token_groups, window_start
+
+    sink, window = 2, 4  # windows start at 2 (until the first compress: everything), 6, 10, 14
+    assert [window_start(i, sink, window) for i in (0, 5, 6, 9, 10, 14)] == [2, 2, 6, 6, 10, 14]
+    #          sink    | window 0       | window 1       | window 2        | window 3
+    tokens = [20, 21, 3, 4, 12, 13, 14, 15, 3, 4, 3, 4, 3, 4, 20, 21, 16]
+    groups = token_groups(tokens, sink, window)
+    assert len(groups) == len(tokens) - 1
+    assert groups[0] == groups[2] == 2           # first (20, 21), first (3, 4): new
+    assert groups[8] == 1                         # (3, 4) seen at 2-3 only: folded into memory at i = 8
+    assert groups[10] == 1                        # latest (3, 4) ends at 9: window 1, gone at i = 10
+    assert groups[12] == 0                        # (3, 4) at 10-11 is in window 2 with i = 12
+    assert groups[14] == 0                        # (20, 21) sits in the sink: always visible
+    assert groups[15] == 2                        # (21, 16) never seen
+
+
+def test_ppl_gap_table_splits_the_gap_and_reproduces_the_beyond_window_mean(tiny_model_dir, tmp_path):
+    from eijax.eval.ppl_gap import GROUPS, main
+
+    text = tmp_path / "book.txt"
+    rng = random.Random(0)  # random words (new bigrams) with a sentence that recurs (copies)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(300)]
+    text.write_text(" ".join(rng.choice(words) if rng.random() < 0.8 else "the clocks were striking thirteen"
+                             for _ in range(400)))
+    out = tmp_path / "gap.json"
+    rows = main(["--model", str(tiny_model_dir), "--sink", "16", "--window", "112", "--file", str(text),
+                 "--tokens", "500", "--out", str(out)])
+    assert [r["group"] for r in rows] == [*GROUPS, "all"]
+    assert [r["n"] for r in json.loads(out.read_text())] == [r["n"] for r in rows]
+    groups, total = rows[:3], rows[3]
+    assert all(r["n"] > 0 for r in groups)
+    assert sum(r["n"] for r in groups) == total["n"] == 500 - 1 - (16 + 112 - 1)
+    assert sum(r["share"] for r in groups) == pytest.approx(1.0)
+    assert sum(r["gap_share"] for r in groups) == pytest.approx(1.0)
+    for m in ("full", "streaming", "edgeinfinite"):  # 'all' is the mean of the groups, weighted by n
+        assert total[f"nll_{m}"] == pytest.approx(sum(r["n"] * r[f"nll_{m}"] for r in groups) / total["n"])

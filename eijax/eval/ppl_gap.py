@@ -1,0 +1,131 @@
+"""Where the memory's beyond-window loss gap lies: per-token loss of full attention, sink + window
+and the memory on one long text, split by what the predicted token continues.
+
+Every token predicted after the first sink + window (the tokens `eijax.eval`'s beyond-window
+perplexity averages) falls in one of three groups, by the bigram (current token, next token):
+
+    in cache         the bigram occurred earlier where the cache still holds it (sink or this window):
+                     sink + window can copy it as full attention does
+    left the window  the bigram occurred earlier, but only in windows already folded into memory:
+                     full attention can copy it, sink + window cannot; the memory has to
+    new              no earlier occurrence: nothing to copy, only the gist of the past helps
+
+Per group: how many tokens, the mean loss (nats) of each method, the group's share of the total
+sink + window -> full attention gap, and the share of that gap the memory closes.
+
+    python -m eijax.eval.ppl_gap --checkpoint smollm2-memory \
+        --file eijax/data/assets/northanger_abbey.txt --tokens 4096
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from eijax import cli
+
+GROUPS = ("in cache", "left the window", "new")
+METHODS = ("full", "streaming", "edgeinfinite")
+
+
+def window_start(position: int, sink: int, window: int) -> int:
+    """First non-sink position the cache holds while `position` is processed (every earlier
+    position is visible until the first compress; then windows of `window` tokens after the sink)."""
+    if position < sink + window:
+        return sink
+    return sink + window * ((position - sink) // window)
+
+
+def token_groups(tokens: Sequence[int], sink: int, window: int) -> np.ndarray:
+    """Group (index into GROUPS) of each prediction i = 0 .. len-2 (position i predicting
+    tokens[i + 1]), by where the bigram (tokens[i], tokens[i + 1]) last occurred: an earlier
+    occurrence (j, j + 1) with j + 1 <= i is visible when j + 1 is in the sink or in i's window."""
+    first_seen: dict[tuple[int, int], int] = {}  # bigram -> position of its first second token
+    last_seen: dict[tuple[int, int], int] = {}   # bigram -> position of its latest second token
+    groups = np.empty(len(tokens) - 1, np.int8)
+    for i in range(len(tokens) - 1):
+        bigram = (int(tokens[i]), int(tokens[i + 1]))
+        if bigram not in last_seen:
+            groups[i] = 2
+        elif last_seen[bigram] >= window_start(i, sink, window) or first_seen[bigram] < sink:
+            groups[i] = 0
+        else:
+            groups[i] = 1
+        # this occurrence's second token (position i + 1) is context from prediction i + 1 on
+        first_seen.setdefault(bigram, i + 1)
+        last_seen[bigram] = i + 1
+    return groups
+
+
+def gap_table(nll: dict[str, np.ndarray], groups: np.ndarray, first: int) -> list[dict]:
+    """One row per group (and 'all') over predictions first.. : n, mean loss per method, the group's
+    share of the summed full -> streaming gap, and the fraction of its own gap edgeinfinite closes."""
+    n_pred = min(len(v) for v in nll.values())
+    nll = {m: np.asarray(v, np.float64) for m, v in nll.items()}  # small gaps: sums must not round
+    sel = np.arange(len(groups)) >= first
+    sel[n_pred:] = False
+    total_gap = float(np.sum((nll["streaming"][:n_pred] - nll["full"][:n_pred])[sel[:n_pred]]))
+    rows = []
+    for name, mask in [(g, sel & (groups == k)) for k, g in enumerate(GROUPS)] + [("all", sel)]:
+        n = int(mask.sum())
+        mean = {m: float(nll[m][:n_pred][mask[:n_pred]].mean()) if n else float("nan") for m in METHODS}
+        gap = mean["streaming"] - mean["full"]
+        rows.append(dict(group=name, n=n, share=n / int(sel.sum()), **{f"nll_{m}": mean[m] for m in METHODS},
+                         gap_share=n * gap / total_gap if total_gap else float("nan"),
+                         closed=(mean["streaming"] - mean["edgeinfinite"]) / gap if gap else float("nan")))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| next token | n | share of tokens | full attention | sink + window | memory | share of the gap | "
+             "gap closed by memory |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['group']} | {r['n']} | {r['share']:.2f} | {r['nll_full']:.3f} | {r['nll_streaming']:.3f} | "
+                     f"{r['nll_edgeinfinite']:.3f} | {r['gap_share']:.2f} | {r['closed']:.2f} |")
+    return "\n".join(lines) + "\n\nloss in nats per token (perplexity of 'all': " + ", ".join(
+        f"{name} {np.exp(rows[-1][f'nll_{m}']):.1f}" for m, name in
+        zip(METHODS, ("full attention", "sink + window", "memory"))) + ")\n"
+
+
+@cli.main_guard
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = cli.ArgumentParser(prog="python -m eijax.eval.ppl_gap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="registered name, HF folder or .gguf (default: the checkpoint's base, else smollm2)")
+    p.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
+    p.add_argument("--sink", type=int, help="sink tokens (default: the checkpoint's, else 64)")
+    p.add_argument("--window", type=int, help="window tokens (default: the checkpoint's, else 512)")
+    p.add_argument("--file", required=True, help="a long UTF-8 text (not one the memory was trained on)")
+    p.add_argument("--tokens", type=int, default=4096, help="score its first N tokens (full attention: up to "
+                                                            "the model's context)")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    a = p.parse_args(argv)
+    path = cli.existing_file(a.file, "--file")
+    if a.tokens < 2:
+        raise cli.InputError(f"--tokens {a.tokens}: need at least 2")
+    from eijax.generate import Generator, base_model_source, inference_memory, load_model
+    from eijax.tokenizer import load_tokenizer
+
+    source = base_model_source(a.model, a.checkpoint)
+    tok = load_tokenizer(source)
+    mem = inference_memory(a.sink, a.window, a.checkpoint)
+    model = load_model(source, mem, a.checkpoint)
+    tokens = tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)[: a.tokens]
+    tokens = tokens[: model.config.max_position]  # one token stream for all three methods
+    if len(tokens) <= mem.cache_size:
+        raise cli.InputError(f"--file {a.file}: {len(tokens)} tokens do not reach beyond sink + window "
+                             f"({mem.cache_size})")
+    nll = {m: Generator(model, m).score(tokens) for m in METHODS}
+    rows = gap_table(nll, token_groups(tokens, mem.sink, mem.window), mem.cache_size - 1)
+    print(f"{len(tokens)} tokens of {path.name}; sink {mem.sink} + window {mem.window}; "
+          f"{rows[-1]['n']} predictions beyond the first sink + window")
+    print(markdown(rows))
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
