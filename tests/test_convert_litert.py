@@ -268,8 +268,9 @@ def test_memory_off_graph_matches_jax_streaming(tmp_path):
 
 @pytest.mark.slow
 def test_buffer_view_calls_equal_the_signature_runner(exported):
-    """LiteRTModel calls signatures through views of their buffers (one copy per call); the same
-    stream through ai-edge-litert's copying SignatureRunner gives the same logits and state."""
+    """LiteRTModel calls signatures through views of their buffers (one copy per call; decode keeps
+    the state in its own buffers and copies back only the slot it wrote); the same stream through
+    ai-edge-litert's copying SignatureRunner gives the same logits and state."""
     from convert.litert_runtime import LiteRTModel, Streamer
 
     _, paths = exported
