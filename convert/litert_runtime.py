@@ -117,9 +117,9 @@ class LiteRTModel:
         t = tokens.shape[1]
         if int(state["fill"][0]) + t > self.cache_size:
             raise ValueError(f"chunk of {t} at slot {int(state['fill'][0])} overflows the cache of {self.cache_size}; compress first")
-        if t == 1 and isinstance(self.runners["decode"], SignatureCall):  # (tests put a copying runner there)
-            return self._decode(state, tokens)
         if t == 1:
+            if isinstance(self.runners["decode"], SignatureCall):  # (tests put a copying runner there)
+                return self._decode(state, tokens)
             out = self.runners["decode"](tokens=tokens.astype(np.int32), **state)
         else:
             out = self.runners[f"prefill_{t}"](tokens=tokens.astype(np.int32), n_valid=n_valid.astype(np.int32), **state)

@@ -63,15 +63,15 @@ def token_groups(tokens: Sequence[int], sink: int, window: int) -> np.ndarray:
 def gap_table(nll: dict[str, np.ndarray], groups: np.ndarray, first: int) -> list[dict]:
     """One row per group (and 'all') over predictions first.. : n, mean loss per method, the group's
     share of the summed full -> streaming gap, and the fraction of its own gap edgeinfinite closes."""
-    n_pred = min(len(v) for v in nll.values())
-    nll = {m: np.asarray(v, np.float64) for m, v in nll.items()}  # small gaps: sums must not round
-    sel = np.arange(len(groups)) >= first
-    sel[n_pred:] = False
-    total_gap = float(np.sum((nll["streaming"][:n_pred] - nll["full"][:n_pred])[sel[:n_pred]]))
+    n_pred = min(len(groups), *(len(v) for v in nll.values()))
+    nll = {m: np.asarray(v[:n_pred], np.float64) for m, v in nll.items()}  # small gaps: sums must not round
+    groups = groups[:n_pred]
+    sel = np.arange(n_pred) >= first
+    total_gap = float(np.sum((nll["streaming"] - nll["full"])[sel]))
     rows = []
     for name, mask in [(g, sel & (groups == k)) for k, g in enumerate(GROUPS)] + [("all", sel)]:
         n = int(mask.sum())
-        mean = {m: float(nll[m][:n_pred][mask[:n_pred]].mean()) if n else float("nan") for m in METHODS}
+        mean = {m: float(nll[m][mask].mean()) if n else float("nan") for m in METHODS}
         gap = mean["streaming"] - mean["full"]
         rows.append(dict(group=name, n=n, share=n / int(sel.sum()), **{f"nll_{m}": mean[m] for m in METHODS},
                          gap_share=n * gap / total_gap if total_gap else float("nan"),
