@@ -70,7 +70,7 @@ def op_profile(run, steps: int, top: int = 15) -> list[tuple[str, float, int]]:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     total, calls = collections.defaultdict(float), collections.Counter()
     for e in events:  # complete events of XLA's thunks; Python frames ('$...') and executor wrappers are skipped
-        name = e["name"]
+        name = e.get("name", "")
         if e.get("ph") == "X" and not (name.startswith(("$", "ThunkExecutor", "Pjit", "ParseArguments", "np."))
                                        or "::" in name):
             kind = re.sub(r"\.\d+$", "", name)

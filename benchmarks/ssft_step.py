@@ -7,6 +7,9 @@ as it is, measured in one run on the same batches.
           segment cut to the slots it uses (eijax.train.step.prepare_batch), no backward through the
           sink and segment 0 when only the memory path trains (EdgeInfiniteLM.forward frozen_local)
 
+Both run the current `EdgeInfiniteLM.forward` (layer-major: each layer's weights read once per pass,
+not once per segment); "before" reproduces the step-level changes only, so to see the forward's own
+gain run this script on a checkout from before it (docs/performance.md did, back to back).
 Both give the same loss (checked here). FLOPs counted are only those a step needs
 (`eijax.train.flops.step_flops`: forward and activation-backward matmuls over the real slots, the lm
 head over answer tokens), the same count for both, so the fraction of peak is comparable.

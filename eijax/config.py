@@ -132,8 +132,10 @@ class MemoryConfig:
     # first write into an empty memory was where a trained SmolLM2 lost most needles). Prompts that
     # fit the cache never touch it: they stay exactly the base model.
     prior: bool = False
-    # "auto": no remat on CPU (memory is plentiful there and a third of the step's FLOPs would go to
-    # recomputing the forward), "segment" on accelerators, where HBM bounds the sequence length.
+    # Recompute in the backward (EdgeInfiniteLM.forward): "layer" each layer's pass from its input,
+    # "segment" each group of segments (sink, segment 0, the full segments, the last) from its input,
+    # "both" nested. "auto": none on CPU (memory is plentiful there and a third of the step's FLOPs
+    # would go to recomputing the forward), "segment" on accelerators, where HBM bounds the length.
     remat: RematPolicy = "auto"
     stop_gradient_every: int = 0  # >0: cut backprop through memory every k segments
 

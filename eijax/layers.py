@@ -246,17 +246,18 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array, fill: jax.Array,
                  memory: mem_lib.Memory, written: jax.Array, cos: jax.Array, sin: jax.Array,
-                 local: LocalContext | None = None):
+                 local: LocalContext | None = None, qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
         """Process T new tokens written at cache slots fill..fill+T-1.
 
         k_cache, v_cache: [B, C, Hkv, d] pre-RoPE; valid: [B, C] slot validity *after* this write;
         memory: this layer's (M, z); written: [B] whether memory holds anything; local: only for
-        models with local layers (then `local.is_local` picks this layer's attention).
+        models with local layers (then `local.is_local` picks this layer's attention); qkv: this
+        layer's `project_qkv(attn_norm(x))` when the caller has it already.
         Returns (x_out, k_cache, v_cache).
         """
         t = x.shape[1]
         n_slots = k_cache.shape[1]
-        q, k, v = self.project_qkv(self.attn_norm(x))
+        q, k, v = self.project_qkv(self.attn_norm(x)) if qkv is None else qkv
         zero = jnp.zeros((), jnp.int32)  # index dtypes must agree (also under jax_enable_x64)
         at = (zero, fill.astype(jnp.int32), zero, zero)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
