@@ -6,7 +6,7 @@ The cache has `sink + window` slots and slot i always sits at RoPE position i:
     prefill(state, tokens)  T new tokens into slots fill..fill+T-1, attend, return hidden states
     compress(state)         fold the window slots into memory (M, z) and empty the window
     step_segment(...)       prefill one window-sized segment, then compress
-    forward(tokens)         sink + segments laid out flat [B, S + n*L]: jax.lax.scan over segments
+    forward(tokens)         sink + segments laid out flat [B, S + n*L]: the same values, layer by layer (training)
 
 Short inputs (<= sink + window tokens) never reach compress, so the model is the base model.
 
@@ -31,6 +31,7 @@ from flax import nnx
 from eijax import memory as mem_lib
 from eijax.config import MemoryConfig, ModelConfig, to_dtype
 from eijax.layers import Block, Linear, LocalContext, RMSNorm, _param, adapt
+from eijax.local_history import history_indices, roll_history
 from eijax.rope import rope_table
 
 
@@ -451,32 +452,6 @@ def fold_window(memory: mem_lib.Memory, k: jax.Array, v: jax.Array, window_valid
         k, v = adapt(k, adapter[0]), adapt(v, adapter[1])
     strength = None if write_gate is None else mem_lib.write_strength(*write_gate, k, v)
     return mem_lib.write(memory, k, v, window_valid, mem.rule, mem.eps, strength)
-
-
-def history_indices(local_valid: jax.Array, slots_valid: jax.Array, sink: int) -> tuple[jax.Array, jax.Array]:
-    """Where the local layers' history comes from after compress: per row, the last Hn valid tokens
-    of [history ; sink (until the first compress: then it directly precedes the window) ; window],
-    in stream order, right-aligned (slot Hn - 1 is the token just before the next window).
-    local_valid [B, Hn], slots_valid [B, C] -> (source index into [history ; cache] [B, Hn], kept [B, Hn])."""
-    hn = local_valid.shape[1]
-    detached = jnp.any(local_valid, axis=1)
-    all_valid = jnp.concatenate([local_valid, slots_valid[:, :sink] & ~detached[:, None], slots_valid[:, sink:]],
-                                axis=1)                                          # [B, Hn + C]
-    count = jnp.cumsum(all_valid.astype(jnp.int32), axis=1)                      # valid entries so far
-    # history slot j takes the valid entry numbered total - Hn + 1 + j (the first index reaching it)
-    want = count[:, -1:] - hn + 1 + jnp.arange(hn, dtype=jnp.int32)[None, :]     # [B, Hn]
-    src = jax.vmap(lambda c, w: jnp.searchsorted(c, w, side="left"))(count, want)
-    src = jnp.minimum(src, all_valid.shape[1] - 1).astype(jnp.int32)
-    return src, want >= 1
-
-
-def roll_history(hist: jax.Array, cache: jax.Array, src: jax.Array, keep: jax.Array) -> jax.Array:
-    """hist [..., B, Hn, Hkv, d] and cache [..., B, C, Hkv, d] -> the new history (`history_indices`)."""
-    axis = hist.ndim - 3
-    both = jnp.concatenate([hist, cache.astype(hist.dtype)], axis=axis)
-    lead = (1,) * (hist.ndim - 4)
-    taken = jnp.take_along_axis(both, src.reshape(lead + src.shape + (1, 1)), axis=axis)
-    return jnp.where(keep.reshape(lead + keep.shape + (1, 1)), taken, jnp.zeros((), hist.dtype))
 
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
