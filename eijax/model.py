@@ -327,15 +327,16 @@ class EdgeInfiniteLM(nnx.Module):
         sink_slots = jnp.zeros((b, mem.cache_size), bool).at[:, :s].set(valid[:, :s])
 
         def group(lo: int, n: int, length: int) -> tuple:
-            """Segments lo..lo+n-1 of `length` tokens, segment-major: hidden [n, B, length, D] and
-            (slot validity [n, B, C], memory written before each [n, B], index [n])."""
+            """Segments lo..lo+n-1 of `length` tokens, batch-major (a sharded batch axis stays the
+            leading one): hidden [B, n, length, D] and (slot validity [B, n, C], memory written
+            before each [B, n], index [n])."""
             at, end = s + lo * w, s + lo * w + (n - 1) * w + length
-            xs = x[:, at:end].reshape(b, n, length, -1).swapaxes(0, 1)
-            seg_valid = valid[:, at:end].reshape(b, n, length).swapaxes(0, 1)
-            slots = jnp.broadcast_to(sink_slots, (n, *sink_slots.shape)).at[:, :, s:s + length].set(seg_valid)
-            before = jnp.cumsum(seg_valid.any(axis=2), axis=0) - seg_valid.any(axis=2)  # earlier segments of the group
-            written = start.written | valid[:, s:at].any(axis=1) | (before > 0)
-            return xs, (slots, written, jnp.arange(lo, lo + n))
+            seg_valid = valid[:, at:end].reshape(b, n, length)
+            slots = jnp.broadcast_to(sink_slots[:, None], (b, n, sink_slots.shape[1])).at[:, :, s:s + length].set(seg_valid)
+            any_valid = seg_valid.any(axis=2)
+            before = jnp.cumsum(any_valid, axis=1) - any_valid  # earlier segments of the group
+            written = (start.written | valid[:, s:at].any(axis=1))[:, None] | (before > 0)
+            return x[:, at:end].reshape(b, n, length, -1), (slots, written, jnp.arange(lo, lo + n))
 
         groups = {}  # name -> (hidden, per-segment inputs, frozen)
         if first:
@@ -349,7 +350,7 @@ class EdgeInfiniteLM(nnx.Module):
         graph = nnx.graphdef(self.blocks)
         has_local, every, remat = self.config.has_local_layers, mem.stop_gradient_every, mem.resolved_remat()
         fill = jnp.asarray(s, jnp.int32)
-        flat = lambda a: a.reshape(-1, *a.shape[2:])  # [n, B, ...] -> [n * B, ...]
+        flat = lambda a: a.reshape(-1, *a.shape[2:])  # [B, n, ...] -> [B * n, ...]
 
         def layer(h, xs):
             p, m0, z0, is_local = xs
@@ -385,17 +386,18 @@ class EdgeInfiniteLM(nnx.Module):
                 return (memory, hist), read
 
             def segments(carry, hs, seg_xs, frozen):
-                """n segments [n, B, t, D]: memory through them in order, then all of them in one batch."""
+                """n segments [B, n, t, D]: memory through them in order, then all of them in one batch."""
                 slots, written, idx = seg_xs
-                n, _, t, _ = hs.shape
+                n = hs.shape[1]
                 q, k, v = blk.project_qkv(blk.attn_norm(flat(hs)))
-                per_seg = lambda a: a.reshape(n, b, *a.shape[1:])
+                by_segment = lambda a: a.reshape(b, n, *a.shape[1:]).swapaxes(0, 1)  # [B*n, ...] -> [n, B, ...]
                 kv = (k, v) if not frozen else jax.lax.stop_gradient((k, v))
-                carry, (memory, hist) = jax.lax.scan(fold, carry, (*map(per_seg, kv), slots, idx))
-                tile = lambda c: flat(jnp.broadcast_to(c, (n, *c.shape)))
-                ho, _, _ = call(p, flat(hs), tile(k0), tile(v0), flat(slots), fill, jax.tree.map(flat, memory),
-                                flat(written), local(None if hist is None else jax.tree.map(flat, hist)), (q, k, v))
-                ho = per_seg(ho)
+                carry, read = jax.lax.scan(fold, carry, (*map(by_segment, kv), slots.swapaxes(0, 1), idx))
+                memory, hist = jax.tree.map(lambda a: flat(a.swapaxes(0, 1)), read)  # what each segment reads
+                tile = lambda c: flat(jnp.broadcast_to(c[:, None], (b, n, *c.shape[1:])))
+                ho, _, _ = call(p, flat(hs), tile(k0), tile(v0), flat(slots), fill, memory, flat(written), local(hist),
+                                (q, k, v))
+                ho = ho.reshape(hs.shape)
                 return carry, jax.lax.stop_gradient(ho) if frozen else ho
 
             if remat in ("segment", "both"):
@@ -412,8 +414,7 @@ class EdgeInfiniteLM(nnx.Module):
         hidden = {"sink": x[:, :s]} if s else {}
         hidden.update({name: g[0] for name, g in groups.items()})
         hidden, _ = jax.lax.scan(layer, hidden, (nnx.state(self.blocks), start.memory.M, start.memory.z, is_local))
-        parts = [hidden[k].swapaxes(0, 1).reshape(b, -1, hidden[k].shape[-1]) for k in ("first", "full", "tail")
-                 if k in hidden]
+        parts = [hidden[k].reshape(b, -1, hidden[k].shape[-1]) for k in ("first", "full", "tail") if k in hidden]
         return self.final_norm(jnp.concatenate(([hidden["sink"]] if s else []) + parts, axis=1))
 
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
