@@ -3,11 +3,16 @@ peak RSS (ru_maxrss), and this machine's measured matmul peak."""
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -73,3 +78,30 @@ def warn_if_busy(threshold: float = 0.5) -> float:
         print(f"warning: load average {load:.2f} > {threshold}: another process is busy; timings will be "
               "slower than on a quiet machine", file=sys.stderr, flush=True)
     return load
+
+
+def op_profile(run, steps: int, top: int = 15) -> list[tuple[str, float, int]]:
+    """Trace run() (which does `steps` steps: decode steps, train steps) and aggregate the XLA ops of
+    the trace by kind (the name without XLA's numeric suffix, e.g. every `dot.N` is `dot`): [(kind,
+    ms per step, calls per step)], slowest first. Durations are summed over threads, so ops
+    that ran side by side can add up to more than the wall time."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        run()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total, calls = collections.defaultdict(float), collections.Counter()
+    for e in events:  # complete events of XLA's thunks; Python frames ('$...') and executor wrappers are skipped
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not (name.startswith(("$", "ThunkExecutor", "Pjit", "ParseArguments", "np."))
+                                       or "::" in name):
+            kind = re.sub(r"\.\d+$", "", name)
+            total[kind] += e["dur"] / 1e3
+            calls[kind] += 1
+    rows = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+    return [(name, ms / steps, calls[name] // steps) for name, ms in rows]

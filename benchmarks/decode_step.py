@@ -14,13 +14,7 @@ decode steps with jax.profiler and prints the XLA ops that took the most time pe
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import glob
-import gzip
-import json
-import re
-import tempfile
 import time
 
 import jax
@@ -28,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import eijax
-from benchmarks.common import timed, warn_if_busy
+from benchmarks.common import op_profile, timed, warn_if_busy
 from eijax.generate import Engine, SamplingConfig
 from eijax.model import split_caches, with_memory_config
 
@@ -53,31 +47,6 @@ def _step_fns(model):
         return m.logits(hidden[:, 0]), state
 
     return jax.jit(step), jax.jit(layers), jax.jit(head), jax.jit(unrolled)
-
-
-def op_profile(run, steps: int, top: int = 15) -> list[tuple[str, float, int]]:
-    """Trace run() (which does `steps` decode steps) and aggregate the XLA ops of the trace by kind
-    (the name without XLA's numeric suffix, e.g. every `dot.N` is `dot`): [(kind, ms per step, calls
-    per step)], slowest first. Durations are summed over threads, so ops
-    that ran side by side can add up to more than the wall time."""
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d, create_perfetto_trace=True)
-        run()
-        jax.profiler.stop_trace()
-        (path,) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        with gzip.open(path) as f:
-            trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total, calls = collections.defaultdict(float), collections.Counter()
-    for e in events:  # complete events of XLA's thunks; Python frames ('$...') and executor wrappers are skipped
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not (name.startswith(("$", "ThunkExecutor", "Pjit", "ParseArguments", "np."))
-                                       or "::" in name):
-            kind = re.sub(r"\.\d+$", "", name)
-            total[kind] += e["dur"] / 1e3
-            calls[kind] += 1
-    rows = sorted(total.items(), key=lambda kv: -kv[1])[:top]
-    return [(name, ms / steps, calls[name] // steps) for name, ms in rows]
 
 
 def main() -> None:

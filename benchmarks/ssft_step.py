@@ -18,6 +18,7 @@ head over answer tokens), the same count for both, so the fraction of peak is co
     python -m benchmarks.ssft_step memory.adapter=false "optim.trainable=[gate]" memory.rule=linear \
         optim.distill_weight=0 data.context_lengths=[700]    # the gate-only step issue 9 measured
     python -m benchmarks.ssft_step --batches 2 --repeats 1 key=value ...   # config overrides
+    python -m benchmarks.ssft_step --skip-before --profile    # + where the step's time goes, by XLA op kind
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import warn_if_busy
+from benchmarks.common import op_profile, warn_if_busy
 from eijax.train.config_schema import load_config
 from eijax.train.flops import matmul_peak_flops, step_flops
 from eijax.train.step import loss_fn, prepare_batch
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="batches from the default data stream")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per batch (best is kept)")
     p.add_argument("--skip-before", action="store_true", help="time only the current step")
+    p.add_argument("--profile", action="store_true", help="also trace one step of the first batch and print its "
+                   "slowest XLA op kinds (summed over threads)")
     p.add_argument("overrides", nargs="*", help="config key=value overrides (as for train.py)")
     a = p.parse_args()
     warn_if_busy()
@@ -119,6 +122,11 @@ def main() -> None:
         print(f"{name:>7}: {secs:7.2f} s per pass, {real / secs:7.1f} real tokens/s, "
               f"{needed / secs / 1e9:6.1f} GFLOP/s = {needed / secs / peak:.2f} of peak; losses "
               + " ".join(f"{x:.4f}" for x in losses), flush=True)
+        if a.profile and name == "after":
+            first = {k: jnp.asarray(v) for k, v in batches[0].items()}
+            print("  where one step's time goes (ms per step, calls; summed over threads):")
+            for kind, ms, calls in op_profile(lambda: jax.block_until_ready(step(trainable, frozen, first)), 1):
+                print(f"    {kind:<40} {ms:9.1f} {calls:6d}")
     if "before" in rows:
         (t0, l0), (t1, l1) = rows["before"], rows["after"]
         print(f"speed-up after/before: x{t0 / t1:.2f} (same losses: {np.allclose(l0, l1, rtol=1e-4, atol=1e-5)})")
