@@ -271,12 +271,8 @@ class EdgeInfiniteLM(nnx.Module):
 
     def step_segment(self, state: State, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
         """One segment of `window` tokens into the empty window, then compress. Returns hidden states."""
-        return self._step_segment_embedded(state, self.embed_tokens(tokens), valid)
-
-    def _step_segment_embedded(self, state, x, valid, frozen_local: bool = False):
-        hidden, state = self.prefill_embedded(state._replace(fill=jnp.asarray(self.memory_config.sink, jnp.int32)), x, valid)
-        if frozen_local:  # see `forward`: nothing trainable upstream of this segment's local path
-            hidden, state = jax.lax.stop_gradient((hidden, state))
+        at_sink = state._replace(fill=jnp.asarray(self.memory_config.sink, jnp.int32))
+        hidden, state = self.prefill_embedded(at_sink, self.embed_tokens(tokens), valid)
         return hidden, self.compress(state)
 
     # ---------------------------------------------------------------- whole sequences
