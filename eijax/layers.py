@@ -180,6 +180,58 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     return out.reshape(b, t, h, d)
 
 
+# Caches of at least 2 x KV_BLOCK slots (the `full` method's, up to the model's whole context; the
+# chat scenario's) are attended block by block with a running softmax, and only the blocks before
+# the chunk's last position are computed: a prefill chunk at slot n costs O(n), not O(cache), and
+# its scores stay small. SmolLM2's `full` eval at 8K: 221 -> 180 s an example (docs/performance.md);
+# what is left is XLA's element-wise softmax work. Smaller caches (sink + window) keep the one-shot softmax.
+KV_BLOCK = 512
+
+
+def blocked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, limit: jax.Array,
+                      cos: jax.Array, sin: jax.Array, scale: float | None = None, softcap: float = 0.0,
+                      block: int | None = None) -> jax.Array:
+    """`local_attention` over a large cache, KV_BLOCK slots at a time, skipping blocks at or past `limit`
+    (no query may see them). q [B,T,H,d] already rotated; k_cache, v_cache [B,C,Hkv,d] pre-RoPE (each
+    block is rotated with cos/sin[slot] when it is used); mask [B,T,C]. Same values as `local_attention`
+    for every query that sees at least one slot (rounding aside); a fully masked query averages the
+    computed blocks instead of all C. A scan over blocks with a cond, so it differentiates too."""
+    b, t, h, d = q.shape
+    c, hkv = k_cache.shape[1], k_cache.shape[2]
+    block = block or KV_BLOCK
+    n_blocks = c // block
+    f = jnp.promote_types(q.dtype, jnp.float32)
+    # scaled before the dot: one pass less over the scores than local_attention (rounding aside)
+    qg = (q * (1.0 / math.sqrt(d) if scale is None else scale)).reshape(b, t, hkv, h // hkv, d)
+    floor = jnp.finfo(f).min
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n_blocks, block, *x.shape[2:]), 1, 0)
+    xs = (split(k_cache), split(v_cache), split(jnp.moveaxis(mask, 2, 1)),
+          cos.reshape(n_blocks, block, -1), sin.reshape(n_blocks, block, -1), jnp.arange(n_blocks) * block)
+
+    def step(carry, x):
+        k, v, m, cos_b, sin_b, start = x
+
+        def attend(carry):
+            run_max, run_sum, acc = carry
+            s = jnp.einsum("btkgd,bckd->bkgtc", qg, apply_rope(k, cos_b, sin_b)).astype(f)
+            if softcap:
+                s = jnp.tanh(s / softcap) * softcap
+            s = jnp.where(jnp.moveaxis(m, 1, 2)[:, None, None], s, floor)
+            new_max = jnp.maximum(run_max, jnp.max(s, axis=-1))
+            p = jnp.exp(s - new_max[..., None])
+            rescale = jnp.exp(run_max - new_max)
+            acc = acc * rescale[..., None] + jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v.dtype), v).astype(f)
+            return new_max, run_sum * rescale + jnp.sum(p, axis=-1), acc
+
+        return jax.lax.cond(start < limit, attend, lambda carry: carry, carry), None
+
+    init = (jnp.full((b, hkv, h // hkv, t), floor, f), jnp.zeros((b, hkv, h // hkv, t), f),
+            jnp.zeros((b, hkv, h // hkv, t, d), f))
+    (_, run_sum, acc), _ = jax.lax.scan(step, init, xs)
+    out = (acc / run_sum[..., None]).astype(v_cache.dtype)  # [b, k, g, t, d]
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d)
+
+
 class LocalContext(NamedTuple):
     """What a layer of a model with local (sliding-window) layers needs besides the cache: its kind,
     and its own window of the `Hn` tokens before the cache window (positions sink - Hn .. sink - 1)."""
@@ -257,6 +309,9 @@ class Block(nnx.Module):
         """
         t = x.shape[1]
         n_slots = k_cache.shape[1]
+        # Inference and streaming (no precomputed qkv) attend a large cache block by block; the training
+        # forward's one-window teacher keeps the one-shot softmax its step was measured with.
+        blocked = qkv is None and n_slots >= 2 * KV_BLOCK and n_slots % KV_BLOCK == 0
         q, k, v = self.project_qkv(self.attn_norm(x)) if qkv is None else qkv
         zero = jnp.zeros((), jnp.int32)  # index dtypes must agree (also under jax_enable_x64)
         at = (zero, fill.astype(jnp.int32), zero, zero)
@@ -266,9 +321,13 @@ class Block(nnx.Module):
 
         def global_attention():  # DESIGN §1.1: [sink ; window] softmax attention mixed with memory
             q_rot = apply_rope(q, jnp.take(cos, q_pos, axis=0), jnp.take(sin, q_pos, axis=0))
-            k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
             mask = valid[:, None, :] & (jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= q_pos[None, :, None])
-            out = local_attention(q_rot, k_rot, v_cache, mask, self.scale, self.softcap)
+            if blocked:
+                out = blocked_attention(q_rot, k_cache, v_cache, mask, fill + t, cos[:n_slots], sin[:n_slots],
+                                        self.scale, self.softcap)
+            else:
+                k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
+                out = local_attention(q_rot, k_rot, v_cache, mask, self.scale, self.softcap)
             if self.use_memory:
                 q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
                 a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
