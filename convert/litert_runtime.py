@@ -66,6 +66,28 @@ class SignatureCall:
         return {k: np.array(v) if k == "logits" else v for k, v in self._outputs.items()}
 
 
+def merge_decode(state: dict[str, np.ndarray], out: dict[str, np.ndarray], slots: np.ndarray) -> list[str]:
+    """Write a decode call's outputs into `state` in place (rows at each row's slot `slots`, taken
+    before the call); returns the names of the state tensors that changed. Graphs exported before
+    decode returned rows (`k_cache_*` outputs, whole caches) are read too."""
+    rows = np.arange(len(slots))
+    changed = []
+    for k, value in out.items():
+        if k.startswith(("k_row_", "v_row_")):  # the token's own k / v, [B, 1, Hkv, d]
+            name = k.replace("_row_", "_cache_")
+            state[name][rows, slots] = value[rows, 0]
+        elif k.startswith(("k_cache_", "v_cache_")):
+            name = k
+            state[name][rows, slots] = value[rows, slots]
+        elif k in ("fill", "valid"):
+            name = k
+            np.copyto(state[name], value)
+        else:  # unchanged by decode (older graphs returned memory and `written` too)
+            continue
+        changed.append(name)
+    return changed
+
+
 class LiteRTModel:
     def __init__(self, path: str | Path, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
@@ -118,11 +140,15 @@ class LiteRTModel:
         if int(state["fill"][0]) + t > self.cache_size:
             raise ValueError(f"chunk of {t} at slot {int(state['fill'][0])} overflows the cache of {self.cache_size}; compress first")
         if t == 1:
-            if isinstance(self.runners["decode"], SignatureCall):  # (tests put a copying runner there)
+            if isinstance(self.runners["decode"], SignatureCall):
                 return self._decode(state, tokens)
+            # a copying runner (ai-edge-litert's own; tests compare with it): merge into copies
             out = self.runners["decode"](tokens=tokens.astype(np.int32), **state)
-        else:
-            out = self.runners[f"prefill_{t}"](tokens=tokens.astype(np.int32), n_valid=n_valid.astype(np.int32), **state)
+            logits = out.pop("logits")
+            state = {k: np.array(v) for k, v in state.items()}
+            merge_decode(state, out, np.asarray(state["fill"]).astype(np.int64))
+            return logits, state
+        out = self.runners[f"prefill_{t}"](tokens=tokens.astype(np.int32), n_valid=n_valid.astype(np.int32), **state)
         logits = out.pop("logits")
         return logits, {**state, **out}
 
@@ -136,14 +162,8 @@ class LiteRTModel:
         slots = np.asarray(state["fill"]).astype(np.int64).copy()
         out = run(tokens=tokens.astype(np.int32), **state)
         logits = np.asarray(out.pop("logits"))
-        buffers = run.inputs
-        rows = np.arange(len(slots))
-        for k, value in out.items():
-            if k.startswith(("k_cache", "v_cache")):
-                buffers[k][rows, slots] = value[rows, slots]
-            elif k in ("fill", "valid"):
-                np.copyto(buffers[k], value)
-        return logits, {**state, **{k: buffers[k] for k in out}}
+        changed = merge_decode(run.inputs, out, slots)
+        return logits, {**state, **{k: run.inputs[k] for k in changed}}
 
     def compress(self, state: dict) -> dict:
         return {**state, **self.runners["compress"](**state)}

@@ -13,9 +13,13 @@ feeds outputs straight back in):
   and mem_M_{i}, mem_z_{i} only for their global layers (a local layer has no memory).
 prefill_T(tokens int32 [B, T], n_valid int32 [B], **state) -> logits [B, V] of each row's last
 valid token + the new state, less the local history (which only compress changes); decode(tokens
-[B, 1], **state) -> the same; compress(**state) -> only what compress changes (memory, history,
-valid, fill, written), so the caches are not copied. A runner keeps the state tensors a signature
-does not return (convert.litert_runtime merges outputs into the state it holds).
+[B, 1], **state) -> logits, valid, fill and the token's own rows
+    k_row_{i}, v_row_{i}      float32 [B, 1, Hkv, d]  to be written at slot `fill` (the input's) of
+                              k_cache_{i}, v_cache_{i}
+so that no cache is copied per token (the graph attends the row beside the cache); compress(**state)
+-> only what compress changes (memory, history, valid, fill, written), so the caches are not
+copied. A runner keeps the state tensors a signature does not return (convert.litert_runtime
+merges outputs into the state it holds; the graph's .json says `"decode_returns": "rows"`).
 The caller keeps fill + T <= C: the cache write is a DYNAMIC_UPDATE_SLICE, which clamps.
 """
 
@@ -89,8 +93,9 @@ class Decode(nn.Module):
 
     def forward(self, tokens: torch.Tensor, **state: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
-        hidden, new = m.prefill(unflatten_state(state, m), tokens)
-        return {"logits": m.logits(hidden[:, 0]), **_without_history(flatten_state(new, m.memory_config.enabled))}
+        hidden, k_rows, v_rows, new = m.decode(unflatten_state(state, m), tokens)
+        rows = {f"{kind}_row_{i}": r for kind, rs in (("k", k_rows), ("v", v_rows)) for i, r in enumerate(rs)}
+        return {"logits": m.logits(hidden[:, 0]), **rows, "valid": new.valid, "fill": new.fill.reshape(1)}
 
 
 class Compress(nn.Module):

@@ -92,7 +92,9 @@ def write_prior(twin, tflite: Path) -> None:
 
 def write_meta(path: Path, scenario: Scenario, recipe: str, extra: dict) -> None:
     meta = dict(scenario=scenario.name, sink=scenario.sink, window=scenario.window, chunks=list(scenario.chunks),
-                decode_batch=scenario.decode_batch, memory=scenario.memory, recipe=recipe, **extra)
+                decode_batch=scenario.decode_batch, memory=scenario.memory, recipe=recipe,
+                # decode returns the token's k/v rows (k_row_i, v_row_i), to be written at slot `fill`
+                decode_returns="rows", **extra)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
 
 

@@ -111,7 +111,10 @@ class LocalAttention(nn.Module):
         super().__init__()
         self.scale, self.softcap = scale, softcap
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`new` (decode): the token's own (rotated k, v) [B, 1, Hkv, d], attended after the keys
+        `k` and seen by every query, so that the cache need not be rebuilt to hold it."""
         b, t, h, d = q.shape
         hkv = k.shape[2]
         g = h // hkv
@@ -119,18 +122,27 @@ class LocalAttention(nn.Module):
         # are used per kv head as they are (broadcasting them over G lowers to a BROADCAST_TO of
         # the whole cache per layer, the slowest op of a CPU decode step).
         qg = q.reshape(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)  # [B, Hkv, G*T, d]
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1))                      # [B, Hkv, G*T, C]
-        scores = scores / math.sqrt(d) if self.scale is None else scores * self.scale
-        if self.softcap:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = self._scores(qg, k, d)                                        # [B, Hkv, G*T, C]
+        n_keys = scores.shape[-1]
+        if new is not None:
+            assert t == 1, "a new key beside the cache is for decode: one query per row"
+            scores = torch.cat([scores, self._scores(qg, new[0], d)], dim=-1)
+            mask = torch.cat([mask, torch.ones_like(mask[..., :1])], dim=-1)
         scores = scores.reshape(b, hkv, g, t, -1)
         # A finite floor (not -inf) keeps fully masked rows NaN-free, exactly as eijax; a select
         # (not an additive mask) so integer-activation recipes do not see a huge constant.
         floor = torch.finfo(torch.float32).min
         scores = torch.where(mask[:, None, None], scores, torch.full_like(scores, floor))
         probs = torch.softmax(scores, dim=-1).reshape(b, hkv, g * t, -1)
-        out = torch.matmul(probs, v.permute(0, 2, 1, 3))                       # [B, Hkv, G*T, d]
+        out = torch.matmul(probs[..., :n_keys], v.permute(0, 2, 1, 3))         # [B, Hkv, G*T, d]
+        if new is not None:
+            out = out + probs[..., n_keys:] * new[1].permute(0, 2, 1, 3)        # [B, Hkv, 1, d] broadcast
         return out.reshape(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+    def _scores(self, qg: torch.Tensor, k: torch.Tensor, d: int) -> torch.Tensor:
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1))
+        scores = scores / math.sqrt(d) if self.scale is None else scores * self.scale
+        return torch.tanh(scores / self.softcap) * self.softcap if self.softcap else scores
 
 
 class MemoryRead(nn.Module):
@@ -256,7 +268,11 @@ class Block(nn.Module):
     def forward(self, x, k_cache, v_cache, write_rows, view: AttentionView, M, z, written, history=None):
         """T new tokens; `write_rows(cache, new)` puts them at slots fill..fill+T-1; `view` says which
         keys each query sees; `history` (local layers only): this layer's (k, v) of the tokens
-        before the cache window, attended before the cache slots. Returns (x, k_cache, v_cache)."""
+        before the cache window, attended before the cache slots. Returns (x, k_cache, v_cache).
+
+        `write_rows` None (decode, one token): the cache is left as it is and the token's own k, v
+        are attended beside it (`view.mask` then must hide the slot it will take); the returned
+        "caches" are just its rows [B, 1, Hkv, d], for the caller to write at slot fill."""
         b, t, _ = x.shape
         h, hkv, d = self.shape
         xn = self.attn_norm(x)
@@ -265,11 +281,18 @@ class Block(nn.Module):
         v = self.v_proj(xn).reshape(b, t, hkv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        k_cache, v_cache = write_rows(k_cache, k), write_rows(v_cache, v)
+        new = None
+        if write_rows is None:
+            new = (rotate(k, view.q_cos, view.q_sin), v)  # at the query's own position
+        else:
+            k_cache, v_cache = write_rows(k_cache, k), write_rows(v_cache, v)
         keys, values = k_cache, v_cache
         if history is not None:
             keys, values = torch.cat([history[0], k_cache], dim=1), torch.cat([history[1], v_cache], dim=1)
-        out = self.local_attn(rotate(q, view.q_cos, view.q_sin), rotate(keys, view.k_cos, view.k_sin), values, view.mask)
+        out = self.local_attn(rotate(q, view.q_cos, view.q_sin), rotate(keys, view.k_cos, view.k_sin), values,
+                              view.mask, new)
+        if write_rows is None:
+            k_cache, v_cache = k, v
         if self.use_memory:
             a_mem = self.mem_read(M, z, q if self.memory_adapter is None else self.memory_adapter(q, "q"))
             out = self.gate(a_mem, out, written)

@@ -165,6 +165,18 @@ class EdgeInfiniteTorch(nn.Module):
         `valid` [B, T] must be a right-padded prefix; fill advances by the longest row's count.
         The caller keeps fill + T <= sink + window (outside export the check is done here).
         """
+        return self._attend(state, tokens, valid, write=True)
+
+    def decode(self, state: State, tokens: torch.Tensor) -> tuple[torch.Tensor, list, list, State]:
+        """One token per row [B, 1], without rebuilding the caches: returns (hidden [B, 1, D], the
+        token's k rows and v rows per layer [B, 1, Hkv, d], the state less those rows). Writing the
+        rows at slot `fill` of the caches gives exactly `prefill`'s state; the LiteRT decode graph
+        returns only the rows, so no cache is copied per token (docs/performance.md)."""
+        hidden, new = self._attend(state, tokens, None, write=False)
+        return hidden, new.k, new.v, dataclasses.replace(new, k=state.k, v=state.v)
+
+    def _attend(self, state: State, tokens: torch.Tensor, valid: torch.Tensor | None, write: bool) -> tuple[torch.Tensor, State]:
+        """`prefill`; with write=False (decode) the state's k, v are the new tokens' rows instead of the caches."""
         b, t = tokens.shape
         c = self.memory_config.cache_size
         if valid is None:
@@ -178,12 +190,13 @@ class EdgeInfiniteTorch(nn.Module):
         n_valid = valid.sum(dim=1).to(torch.int32)                             # [B]: valid is a prefix
         in_chunk = (slots >= fill) & (slots < fill + t)                        # [C]
         slot_valid = torch.where(in_chunk[None, :], slots[None, :] < (fill + n_valid)[:, None], state.valid)
-        mask = slot_valid[:, None, :] & (slots[None, None, :] <= q_pos[None, :, None])
+        seen = slot_valid if write else state.valid  # decode attends its own row beside the cache
+        mask = seen[:, None, :] & (slots[None, None, :] <= q_pos[None, :, None])
         angles = q_pos.float()[:, None] * self.inv_freq[None, :]
         views = {False: AttentionView(mask, torch.cos(angles), torch.sin(angles), self.rope_cos, self.rope_sin)}
         if self.local_history is not None:
-            views[True] = local_view(self.local_history, state.local_valid, slot_valid, q_pos)
-        write_rows = WRITERS[self.cache_write](fill, t, c)
+            views[True] = local_view(self.local_history, state.local_valid, seen, q_pos)
+        write_rows = WRITERS[self.cache_write](fill, t, c) if write else None
         x = self.embed_tokens(tokens)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):

@@ -17,7 +17,8 @@ from eijax.testing import random_tokens, randomise_memory_path, tiny_eijax_model
 from eijax.memory_prior import prime
 
 from convert.loading import load_model
-from convert.signatures import Compress, Decode, Prefill, flatten_state
+from convert.litert_runtime import merge_decode
+from convert.signatures import Compress, Decode, Prefill, flatten_state, unflatten_state
 from convert.to_torch import export_folder, load_torch
 from convert.weights import state_to_jax, to_eijax, to_torch
 
@@ -120,6 +121,7 @@ def test_signature_wrappers_match_model(family):
     tokens = torch.from_numpy(random_tokens((1, 12), seed=5))
     state = twin.init_state(1)
     flat = flatten_state(state, True)
+    local = twin.config.local_layers or (False,) * twin.config.n_layers
     with torch.no_grad():
         out = Prefill(twin)(tokens[:, :8], torch.tensor([6], dtype=torch.int32), **flat)
         valid = torch.arange(8)[None] < 6
@@ -129,8 +131,17 @@ def test_signature_wrappers_match_model(family):
         flat = {**flat, **{k: v for k, v in out.items() if k != "logits"}}  # the runner keeps what is not returned
         dec = Decode(twin)(tokens[:, 8:9], **flat)
         assert int(dec["fill"][0]) == 7
-        comp = Compress(twin)(**{**flat, **{k: v for k, v in dec.items() if k != "logits"}})
-        local = twin.config.local_layers or (False,) * twin.config.n_layers
+        # decode returns the token's k/v rows, not the caches: written at slot 6 they give prefill's state
+        one, ref = twin.prefill(unflatten_state(flat, twin), tokens[:, 8:9])
+        np.testing.assert_allclose(dec["logits"].numpy(), twin.logits(one[:, 0]).numpy(), rtol=1e-5, atol=1e-5)
+        assert set(dec) == {"logits", "valid", "fill", *(f"{m}_row_{i}" for m in "kv" for i in range(len(local)))}
+        after = {k: v.numpy().copy() for k, v in flat.items()}
+        assert sorted(merge_decode(after, {k: v.numpy() for k, v in dec.items() if k != "logits"}, np.array([6]))) == \
+            sorted({*(f"{m}_cache_{i}" for m in "kv" for i in range(len(local))), "valid", "fill"})
+        for name, value in flatten_state(ref, True).items():
+            if name in after:
+                np.testing.assert_allclose(after[name], value.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+        comp = Compress(twin)(**{k: torch.from_numpy(v) for k, v in after.items()})
         history = {f"local_{m}_{i}" for m in "kv" for i, is_local in enumerate(local) if is_local}
         memory = {f"mem_{m}_{i}" for m in "Mz" for i, is_local in enumerate(local) if not is_local}
         assert set(comp) == {*memory, *history, *(["local_valid"] if history else []), "valid", "fill", "written"}
