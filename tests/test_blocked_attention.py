@@ -1,5 +1,5 @@
 """`blocked_attention` (large caches, block by block with a running softmax) against the one-shot
-`local_attention` it replaces there, and through the `full` method end to end."""
+`local_attention` it replaces there (end to end through the `full` method: tests/test_generate.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import pytest
 
 import eijax.layers as layers
 from eijax.config import RopeConfig
-from eijax.generate import Generator, SamplingConfig
 from eijax.rope import apply_rope, rope_table
-from eijax.testing import random_tokens
-from tests.test_generate import _hf_greedy, _model
 
 
 def _inputs(b=2, t=5, h=6, hkv=2, d=8, c=32, fill=13, seed=0):
@@ -50,16 +47,3 @@ def test_blocked_gradients_equal_one_shot():
     blocked = lambda q, k, v: jnp.sum(jnp.sin(layers.blocked_attention(q, k, v, mask, limit, cos, sin, block=8)))
     for g, r in zip(jax.grad(blocked, argnums=(0, 1, 2))(q, k, v), jax.grad(one_shot, argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
-
-
-def test_full_method_with_a_blocked_cache_matches_the_base_model(monkeypatch):
-    """A 64-slot `full` cache in blocks of 8: the same greedy tokens as transformers and the same
-    prompt logits as the one-shot softmax."""
-    hf, model = _model()
-    prompt = random_tokens((45,), seed=9).tolist()
-    one_shot, _, *_ = Generator(model, "full", full_bucket=64).prefill(prompt)
-    monkeypatch.setattr(layers, "KV_BLOCK", 8)
-    gen = Generator(model, "full", full_bucket=64)
-    logits, *_ = gen.prefill(prompt)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(one_shot), rtol=1e-5, atol=1e-5)
-    assert gen.generate(prompt, SamplingConfig(max_new_tokens=6)).tokens == _hf_greedy(hf, prompt, 6)

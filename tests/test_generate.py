@@ -114,6 +114,19 @@ def test_full_method_is_plain_attention_over_everything():
     assert out.tokens == _hf_greedy(hf, prompt, 6)
 
 
+def test_full_method_with_a_blocked_cache_matches_the_base_model(monkeypatch):
+    """A 64-slot `full` cache in blocks of 8: the same greedy tokens as transformers and the same
+    prompt logits as the one-shot softmax."""
+    hf, model = _model()
+    prompt = random_tokens((45,), seed=9).tolist()
+    one_shot, *_ = Generator(model, "full", full_bucket=64).prefill(prompt)
+    monkeypatch.setattr(eijax.layers, "KV_BLOCK", 8)
+    gen = Generator(model, "full", full_bucket=64)
+    logits, *_ = gen.prefill(prompt)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(one_shot), rtol=1e-5, atol=1e-5)
+    assert gen.generate(prompt, SamplingConfig(max_new_tokens=6)).tokens == _hf_greedy(hf, prompt, 6)
+
+
 def test_full_method_truncates_the_middle_at_max_context():
     _, model = _model()
     gen = Generator(model, "full", max_context=32, full_bucket=8)
