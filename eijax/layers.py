@@ -205,7 +205,8 @@ def blocked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask
     qg = (q * (1.0 / math.sqrt(d) if scale is None else scale)).reshape(b, t, hkv, h // hkv, d)
     floor = jnp.finfo(f).min
     split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n_blocks, block, *x.shape[2:]), 1, 0)
-    xs = (split(k_cache), split(v_cache), split(jnp.moveaxis(mask, 2, 1)),
+    mask_blocks = jnp.moveaxis(mask.reshape(b, t, n_blocks, block), 2, 0)  # [n, B, T, block]
+    xs = (split(k_cache), split(v_cache), mask_blocks,
           cos.reshape(n_blocks, block, -1), sin.reshape(n_blocks, block, -1), jnp.arange(n_blocks) * block)
 
     def step(carry, x):
@@ -216,7 +217,7 @@ def blocked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask
             s = jnp.einsum("btkgd,bckd->bkgtc", qg, apply_rope(k, cos_b, sin_b)).astype(f)
             if softcap:
                 s = jnp.tanh(s / softcap) * softcap
-            s = jnp.where(jnp.moveaxis(m, 1, 2)[:, None, None], s, floor)
+            s = jnp.where(m[:, None, None], s, floor)
             new_max = jnp.maximum(run_max, jnp.max(s, axis=-1))
             p = jnp.exp(s - new_max[..., None])
             rescale = jnp.exp(run_max - new_max)
