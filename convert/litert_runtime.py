@@ -178,7 +178,7 @@ class Streamer:
 
     def chunks(self, fill: int, n_tokens: int) -> Iterator[Chunk]:
         """The same schedule as eijax.generate (eijax.schedule.plan_chunks)."""
-        return plan_chunks(fill, n_tokens, cache_size=self.model.cache_size, refill=self.model.sink, sizes=self.sizes)
+        return plan_chunks(fill, n_tokens, cache_size=self.model.cache_size, sink=self.model.sink, sizes=self.sizes)
 
     def prefill(self, state: dict, tokens: Sequence[int], prime_at: int | None = None) -> tuple[np.ndarray, dict]:
         """Any number of tokens in; returns (logits [V] of the last one, state). With `prime_at`,

@@ -16,7 +16,6 @@ Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
 GateType = Literal["linear", "head_linear", "scalar"]
 MemoryRule = Literal["linear", "delta"]
 RematPolicy = Literal["auto", "none", "segment", "layer", "both"]
-StoreScore = Literal["novelty", "strength"]
 
 # family -> the transformers class of a checkpoint (the one table of supported families). The family
 # is the config's model_type, except where HF_MODEL_TYPE names another (and the GGUF architecture).
@@ -139,20 +138,10 @@ class MemoryConfig:
     # would go to recomputing the forward), "segment" on accelerators, where HBM bounds the length.
     remat: RematPolicy = "auto"
     stop_gradient_every: int = 0  # >0: cut backprop through memory every k segments
-    # Exact store (README "Decisions", inference only): each fold keeps the `store` tokens of the
-    # window that score highest, per layer and KV head, as exact k/v at the front of the window
-    # (slots sink..sink+store-1, so positions stay within sink + window); the others are written to
-    # memory. A token is written when it leaves the cache, never twice. 0: the plain fold.
-    store: int = 0
-    store_score: StoreScore = "novelty"
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
             raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
-        if not 0 <= self.store < self.window:
-            raise ValueError(f"store must lie in [0, window), got store={self.store}, window={self.window}")
-        if self.store_score not in ("novelty", "strength"):
-            raise ValueError(f"unknown store_score {self.store_score!r}; choose 'novelty' or 'strength'")
         if self.rule not in ("linear", "delta"):
             raise ValueError(f"unknown memory rule {self.rule!r}; choose 'linear' or 'delta'")
         if self.gate not in ("linear", "head_linear", "scalar"):
@@ -165,11 +154,6 @@ class MemoryConfig:
     @property
     def cache_size(self) -> int:
         return self.sink + self.window
-
-    @property
-    def fill_after_fold(self) -> int:
-        """The slot the window refills from after a compress: past the sink and the exact store."""
-        return self.sink + self.store
 
     def resolved_remat(self) -> str:
         """The remat policy in force: "auto" resolved for the default JAX backend (see `remat`)."""

@@ -70,7 +70,7 @@ def memory_config_for(method: str, base: MemoryConfig, total_tokens: int = 0, ma
     if method == "streaming":
         return dataclasses.replace(base, enabled=False)
     if method == "full":
-        return dataclasses.replace(base, sink=0, window=max(1, min(total_tokens, max_context)), enabled=False, store=0)
+        return dataclasses.replace(base, sink=0, window=max(1, min(total_tokens, max_context)), enabled=False)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
@@ -176,9 +176,7 @@ class Engine:
         state, n = self.init_state(), 0
         for size in self.chunk_sizes:
             if n + size > self.cache_size:
-                state, n = self._compress(self.params, state), self.memory_config.fill_after_fold
-            if n + size > self.cache_size:  # a chunk only the first window (no exact store yet) has room for
-                state, n = self.init_state(), 0
+                state, n = self._compress(self.params, state), self.memory_config.sink
             logits, state = self._prefill(self.params, state, np.zeros((1, size), np.int32), np.ones((1, size), bool),
                                           jnp.int32(size - 1))
             n += size
@@ -208,7 +206,7 @@ class Engine:
         return self._decode_compiled.result()
 
     def _chunks(self, fill: int, n_tokens: int) -> Iterator[Chunk]:
-        return plan_chunks(fill, n_tokens, cache_size=self.cache_size, refill=self.memory_config.fill_after_fold,
+        return plan_chunks(fill, n_tokens, cache_size=self.cache_size, sink=self.memory_config.sink,
                            sizes=self.chunk_sizes)
 
     def _feed(self, state: State, tokens: Sequence[int], step: Callable, extra: np.ndarray | None = None,
@@ -226,7 +224,7 @@ class Engine:
         for start, n, size, fold in self._chunks(fill, len(tokens)):
             if fold:
                 state = self._compress(self.params, state)
-                fill = self.memory_config.fill_after_fold
+                fill = min(fill, self.memory_config.sink)
             chunk = np.zeros((1, size), np.int32)
             chunk[0, :n] = tokens[start:start + n]
             valid = np.zeros((1, size), bool)
@@ -285,7 +283,7 @@ class Engine:
                 return
             if fill >= self.cache_size:
                 state = self._split_caches(self._compress(self.params, self._stack_caches(state)))
-                fill = self.memory_config.fill_after_fold
+                fill = self.memory_config.sink
             token, _, state, key = step(self.params, self.layer_params, state, token, key, temperature, top_p)
             fill += 1
 
@@ -399,26 +397,17 @@ def add_geometry_args(p) -> None:
     p.add_argument("--sink", type=int, help=f"sink tokens (default: the --checkpoint's training value, else {default.sink})")
     p.add_argument("--window", type=int,
                    help=f"window tokens (default: the --checkpoint's training value, else {default.window})")
-    p.add_argument("--store", type=int, default=0,
-                   help="exact store: window tokens each fold keeps exactly, per layer and KV head, instead of "
-                        "writing them to memory (default 0: off; README 'Decisions')")
-    p.add_argument("--store-score", choices=("novelty", "strength"), default="novelty",
-                   help="what the store keeps: tokens the memory would recall worst (novelty) or those with "
-                        "the learned write gate's highest strength")
 
 
-def inference_memory(sink: int | None, window: int | None, checkpoint: str | None, store: int = 0,
-                     store_score: str = "novelty") -> MemoryConfig:
-    """The MemoryConfig for --sink/--window/--store; unset sink and window come from the checkpoint's
-    training geometry (a memory path trained at one window does not transfer to another), else
-    MemoryConfig's defaults."""
+def inference_memory(sink: int | None, window: int | None, checkpoint: str | None) -> MemoryConfig:
+    """The MemoryConfig for --sink/--window; unset ones come from the checkpoint's training geometry
+    (a memory path trained at one window does not transfer to another), else MemoryConfig's defaults."""
     trained_sink, trained_window = MemoryConfig().sink, MemoryConfig().window
     if checkpoint:
         from eijax.trained import trained_geometry
 
         trained_sink, trained_window = trained_geometry(checkpoint)
-    return MemoryConfig(sink=trained_sink if sink is None else sink, window=trained_window if window is None else window,
-                        store=store, store_score=store_score)
+    return MemoryConfig(sink=trained_sink if sink is None else sink, window=trained_window if window is None else window)
 
 
 def base_model_source(model: str | None, checkpoint: str | None) -> str:
@@ -482,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # are copied (NumPy and XLA release the GIL): on 2 cores the two overlap almost entirely.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         tokenizer_load = pool.submit(load_tokenizer, source)
-        model = load_model(source, inference_memory(a.sink, a.window, a.checkpoint, a.store, a.store_score), a.checkpoint)
+        model = load_model(source, inference_memory(a.sink, a.window, a.checkpoint), a.checkpoint)
         tok = tokenizer_load.result()
     gen = Generator(model, a.method)
     loaded = time.perf_counter() - t_start

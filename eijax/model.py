@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eijax import memory as mem_lib
-from eijax import store as store_lib
 from eijax.config import MemoryConfig, ModelConfig, to_dtype
 from eijax.layers import Block, Linear, LocalContext, RMSNorm, _param, adapt
 from eijax.local_history import history_indices, roll_history
@@ -54,8 +53,6 @@ class State(NamedTuple):
 
 class EdgeInfiniteLM(nnx.Module):
     def __init__(self, config: ModelConfig, memory: MemoryConfig, *, rngs: nnx.Rngs):
-        if memory.store and config.has_local_layers:
-            raise ValueError("the exact store (memory.store) is not supported with local (sliding-window) layers")
         self.config = config
         self.memory_config = memory
         pd = to_dtype(config.param_dtype)
@@ -249,35 +246,21 @@ class EdgeInfiniteLM(nnx.Module):
         """Fold the window (slots sink..) into memory and empty it. With memory disabled it just drops it.
         Local layers (if any) roll their own window forward instead: see `roll_history`."""
         mem = self.memory_config
-        s, n_store = mem.sink, mem.store
+        s = mem.sink
         window_valid = state.valid[:, s:]
         memory, written = state.memory, state.written
-        k_win, v_win, paths = state.k[:, :, s:], state.v[:, :, s:], self._memory_path_params()
-        keep = idx = None
-        if n_store:  # exact store: the best-scoring tokens stay in the cache and are not written (eijax.store)
-            pick = lambda m, k, v, adapter, gate: store_lib.select(
-                store_lib.scores(mem.store_score, m, k, v, adapter, gate, mem.eps), window_valid, n_store)
-            idx = jax.vmap(pick)(memory, k_win, v_win, *paths)  # [NL, B, store, Hkv]
-            keep = jax.vmap(store_lib.kept_mask, in_axes=(0, None))(idx, window_valid)
         if mem.enabled:
-            fold = lambda m, k, v, adapter, write_gate, kept: fold_window(m, k, v, window_valid, mem, adapter, write_gate,
-                                                                         kept)
-            memory = jax.vmap(fold)(memory, k_win, v_win, *paths, keep)
+            fold = lambda m, k, v, adapter, write_gate: fold_window(m, k, v, window_valid, mem, adapter, write_gate)
+            memory = jax.vmap(fold)(memory, state.k[:, :, s:], state.v[:, :, s:], *self._memory_path_params())
             memory = self._global_only(memory, state.memory)
-            written = written | (jnp.sum(window_valid, axis=1) > n_store)
-        valid, fill = state.valid.at[:, s:].set(False), jnp.minimum(state.fill, s)
-        k, v = state.k, state.v
-        if n_store:
-            k = k.at[:, :, s:s + n_store].set(jax.vmap(store_lib.gather)(k_win, idx))
-            v = v.at[:, :, s:s + n_store].set(jax.vmap(store_lib.gather)(v_win, idx))
-            valid = valid.at[:, s:s + n_store].set(store_lib.kept_valid(window_valid, n_store))
-            fill = jnp.where(state.fill > s, s + n_store, fill).astype(state.fill.dtype)
+            written = written | window_valid.any(axis=1)
         local = {}
         if self.config.has_local_layers:
             src, keep = history_indices(state.local_valid, state.valid, s)
             local = dict(local_k=roll_history(state.local_k, state.k, src, keep),
                          local_v=roll_history(state.local_v, state.v, src, keep), local_valid=keep)
-        return state._replace(k=k, v=v, valid=valid, fill=fill, memory=memory, written=written, **local)
+        return state._replace(valid=state.valid.at[:, s:].set(False), fill=jnp.minimum(state.fill, s),
+                              memory=memory, written=written, **local)
 
     def _memory_path_params(self, blocks=None) -> tuple:
         """(adapter (k, v) maps or None, write gate (w, b) or None) of `blocks` (default: all layers)."""
@@ -458,16 +441,13 @@ def stack_caches(state: State) -> State:
 
 
 def fold_window(memory: mem_lib.Memory, k: jax.Array, v: jax.Array, window_valid: jax.Array, mem: MemoryConfig,
-                adapter: tuple[jax.Array, jax.Array] | None, write_gate: tuple[jax.Array, jax.Array] | None,
-                kept: jax.Array | None = None) -> mem_lib.Memory:
+                adapter: tuple[jax.Array, jax.Array] | None, write_gate: tuple[jax.Array, jax.Array] | None
+                ) -> mem_lib.Memory:
     """One layer's compress: the window's pre-RoPE k, v [B, W, Hkv, d] through the memory adapter
-    (if any) and written into memory, each token scaled by the write gate's strength (if any);
-    tokens `kept` [B, W, Hkv] in the exact store are not written."""
+    (if any) and written into memory, each token scaled by the write gate's strength (if any)."""
     if adapter is not None:  # memory-path maps
         k, v = adapt(k, adapter[0]), adapt(v, adapter[1])
     strength = None if write_gate is None else mem_lib.write_strength(*write_gate, k, v)
-    if kept is not None:
-        strength = (1.0 if strength is None else strength) * (~kept).astype(jnp.float32)
     return mem_lib.write(memory, k, v, window_valid, mem.rule, mem.eps, strength)
 
 

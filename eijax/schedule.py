@@ -18,16 +18,15 @@ class Chunk(NamedTuple):
     compress_first: bool  # fold the full window into memory before this call
 
 
-def plan_chunks(fill: int, n_tokens: int, *, cache_size: int, refill: int, sizes: Sequence[int]) -> Iterator[Chunk]:
-    """Chunks for `n_tokens` starting at cache slot `fill`; a fold leaves the window refilling from
-    slot `refill` (MemoryConfig.fill_after_fold). `sizes` must include 1."""
+def plan_chunks(fill: int, n_tokens: int, *, cache_size: int, sink: int, sizes: Sequence[int]) -> Iterator[Chunk]:
+    """Chunks for `n_tokens` starting at cache slot `fill`. `sizes` must include 1."""
     if 1 not in sizes:
         raise ValueError(f"chunk sizes {tuple(sizes)} must include 1 (decode)")
     done = 0
     while done < n_tokens:
         fold = fill >= cache_size
         if fold:
-            fill = refill
+            fill = min(fill, sink)
         room, left = cache_size - fill, n_tokens - done
         padded = [c for c in sizes if left <= c <= room]
         size = min(padded) if padded else max(c for c in sizes if c <= min(room, left))
