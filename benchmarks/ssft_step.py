@@ -2,15 +2,19 @@
 FLOP/s as a fraction of this machine's measured matmul peak, for the step as it was ("before") and
 as it is, measured in one run on the same batches.
 
-  before  remat per segment, lm head on every slot, the question segment kept at full window
+  before  remat per segment, lm head on every slot, the question segment kept at full window, the
+          layers scanned
+  scan    the trainer's step with its layers scanned (`memory.layer_loop=scan`; shown where "auto"
+          unrolls them, i.e. on CPU)
   after   the trainer's step: remat "auto" (none on CPU), lm head on answer tokens only, the last
           segment cut to the slots it uses (eijax.train.step.prepare_batch), no backward through the
-          sink and segment 0 when only the memory path trains (EdgeInfiniteLM.forward frozen_local)
+          sink and segment 0 when only the memory path trains (EdgeInfiniteLM.forward frozen_local),
+          layers unrolled on CPU (MemoryConfig.layer_loop "auto")
 
-Both run the current `EdgeInfiniteLM.forward` (layer-major: each layer's weights read once per pass,
+All run the current `EdgeInfiniteLM.forward` (layer-major: each layer's weights read once per pass,
 not once per segment); "before" reproduces the step-level changes only, so to see the forward's own
 gain run this script on a checkout from before it (docs/performance.md did, back to back).
-Both give the same loss (checked here). FLOPs counted are only those a step needs
+All give the same loss (checked here). FLOPs counted are only those a step needs
 (`eijax.train.flops.step_flops`: forward and activation-backward matmuls over the real slots, the lm
 head over answer tokens), the same count for both, so the fraction of peak is comparable.
 
@@ -109,10 +113,15 @@ def main() -> None:
           f"{sum(b['tokens'].size for b in after)} (after); trainable {list(config.optim.trainable)}, "
           f"rule {mem.rule}, distill_weight {w}")
     print(f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s; FLOPs a pass needs {needed / 1e9:.1f} G; "
-          f"remat auto -> {mem.resolved_remat()!r} on {jax.default_backend()}")
+          f"remat auto -> {mem.resolved_remat()!r}, layer loop -> {mem.resolved_layer_loop()!r} on {jax.default_backend()}")
     rows = {}
-    variants = ([] if a.skip_before else [("before", dataclasses.replace(mem, remat="segment"), [before_batch(r) for r in raw], False)]) \
-        + [("after", mem, after, True)]
+    variants = []
+    if not a.skip_before:
+        old = dataclasses.replace(mem, remat="segment", layer_loop="scan")
+        variants.append(("before", old, [before_batch(r) for r in raw], False))
+        if mem.resolved_layer_loop() == "unroll":
+            variants.append(("scan", dataclasses.replace(mem, layer_loop="scan"), after, True))
+    variants.append(("after", mem, after, True))
     for name, m, batches, skip_frozen in variants:
         from eijax.model import with_memory_config
 
@@ -127,9 +136,10 @@ def main() -> None:
             print("  where one step's time goes (ms per step, calls; summed over threads):")
             for kind, ms, calls in op_profile(lambda: jax.block_until_ready(step(trainable, frozen, first)), 1):
                 print(f"    {kind:<40} {ms:9.1f} {calls:6d}")
-    if "before" in rows:
-        (t0, l0), (t1, l1) = rows["before"], rows["after"]
-        print(f"speed-up after/before: x{t0 / t1:.2f} (same losses: {np.allclose(l0, l1, rtol=1e-4, atol=1e-5)})")
+    for name in ("before", "scan"):
+        if name in rows:
+            (t0, l0), (t1, l1) = rows[name], rows["after"]
+            print(f"speed-up after/{name}: x{t0 / t1:.2f} (same losses: {np.allclose(l0, l1, rtol=1e-4, atol=1e-5)})")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

@@ -16,6 +16,7 @@ Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
 GateType = Literal["linear", "head_linear", "scalar"]
 MemoryRule = Literal["linear", "delta"]
 RematPolicy = Literal["auto", "none", "segment", "layer", "both"]
+LayerLoop = Literal["auto", "scan", "unroll"]
 
 # family -> the transformers class of a checkpoint (the one table of supported families). The family
 # is the config's model_type, except where HF_MODEL_TYPE names another (and the GGUF architecture).
@@ -137,6 +138,11 @@ class MemoryConfig:
     # "both" nested. "auto": none on CPU (memory is plentiful there and a third of the step's FLOPs
     # would go to recomputing the forward), "segment" on accelerators, where HBM bounds the length.
     remat: RematPolicy = "auto"
+    # How the forward runs its layers: "scan" (one compiled layer body, its backward residuals
+    # stacked into [n_layers, ...] buffers) or "unroll" (straight-line layers: no stacking, but each
+    # layer compiles on its own, 35-70 s more for SmolLM2's 30 on 2 CPU cores). "auto": unroll on CPU,
+    # where the stacking copies cost ~10% of a short-input step (docs/performance.md), scan on accelerators.
+    layer_loop: LayerLoop = "auto"
     stop_gradient_every: int = 0  # >0: cut backprop through memory every k segments
 
     def __post_init__(self) -> None:
@@ -150,6 +156,8 @@ class MemoryConfig:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
         if self.remat not in ("auto", "none", "segment", "layer", "both"):
             raise ValueError(f"unknown remat policy {self.remat!r}; choose auto, none, segment, layer or both")
+        if self.layer_loop not in ("auto", "scan", "unroll"):
+            raise ValueError(f"unknown layer_loop {self.layer_loop!r}; choose auto, scan or unroll")
 
     @property
     def cache_size(self) -> int:
@@ -162,6 +170,14 @@ class MemoryConfig:
         import jax
 
         return "none" if jax.default_backend() == "cpu" else "segment"
+
+    def resolved_layer_loop(self) -> str:
+        """The layer loop in force: "auto" resolved for the default JAX backend (see `layer_loop`)."""
+        if self.layer_loop != "auto":
+            return self.layer_loop
+        import jax
+
+        return "unroll" if jax.default_backend() == "cpu" else "scan"
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

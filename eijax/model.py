@@ -283,8 +283,9 @@ class EdgeInfiniteLM(nnx.Module):
 
         A layer's memory before segment i depends only on that layer's own keys and values of
         segments < i, and those come from the layer's input. So each layer (a `jax.lax.scan` over
-        the stacked layers) runs the sink once, projects k and v of all segments at once, scans the
-        small memory update over segments (`fold_window`: each segment's memory is read by it), and
+        the stacked layers, or a Python loop over them: `MemoryConfig.layer_loop`) runs the sink
+        once, projects k and v of all segments at once, scans the small memory update over
+        segments (`fold_window`: each segment's memory is read by it), and
         then runs every full segment as one batch, each row reading its own memory. Against a scan
         over segments of a scan over layers this reads each layer's weights once per pass, not once
         per segment (a copy out of the stacked arrays on CPU: 0.8 s of a 5.6 s S-SFT step), stores
@@ -409,7 +410,12 @@ class EdgeInfiniteLM(nnx.Module):
         is_local = jnp.asarray(self.config.local_layers) if has_local else None
         hidden = {"sink": x[:, :s]} if s else {}
         hidden.update({name: g[0] for name, g in groups.items()})
-        hidden, _ = jax.lax.scan(layer, hidden, (nnx.state(self.blocks), start.memory.M, start.memory.z, is_local))
+        per_layer = (nnx.state(self.blocks), start.memory.M, start.memory.z, is_local)
+        if mem.resolved_layer_loop() == "unroll":  # straight-line layers: no stacked residuals (MemoryConfig.layer_loop)
+            for i in range(self.config.n_layers):
+                hidden, _ = layer(hidden, jax.tree.map(lambda a: a[i], per_layer))
+        else:
+            hidden, _ = jax.lax.scan(layer, hidden, per_layer)
         parts = [hidden[k].reshape(b, -1, hidden[k].shape[-1]) for k in ("first", "full", "tail") if k in hidden]
         return self.final_norm(jnp.concatenate(([hidden["sink"]] if s else []) + parts, axis=1))
 

@@ -10,7 +10,8 @@ from flax import nnx
 
 import eijax
 from eijax.layers import MEMORY_PATH
-from eijax.testing import memory_write_reference, padded_inputs, random_tokens, segment_loop, tiny_eijax_model
+from eijax.testing import (memory_write_reference, padded_inputs, random_tokens, randomise_memory_path, segment_loop,
+                           tiny_eijax_model)
 from eijax.trained import param_filter
 
 S, L, N_SEG = 3, 6, 4
@@ -137,6 +138,27 @@ def test_remat_does_not_change_gradients():
         np.testing.assert_allclose(out["none"], out["both"], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: local and global layers, per-layer kinds
+def test_unrolled_layers_equal_the_layer_scan(family):
+    """MemoryConfig.layer_loop: the forward's values and gradients do not depend on how its layers
+    are looped (scan on accelerators, unrolled on CPU)."""
+    with jax.enable_x64(True):
+        tokens = jnp.asarray(random_tokens((1, N - 2), seed=8))
+        out = {}
+        for loop in ("scan", "unroll"):
+            mem = eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True, write_gate=True, layer_loop=loop)
+            model = tiny_eijax_model(family, mem, dtype="float64")
+            randomise_memory_path(model)
+            graph, mem_path, rest = nnx.split(model, param_filter(MEMORY_PATH), ...)
+            weights = jnp.asarray(np.random.RandomState(3).randn(1, N - 2, model.config.d_model))
+            loss = lambda p: jnp.sum(nnx.merge(graph, p, rest).forward(tokens) * weights)
+            value, grads = jax.jit(jax.value_and_grad(loss))(mem_path)
+            out[loop] = (float(value), jax.flatten_util.ravel_pytree(grads)[0])
+        assert out["scan"][0] == pytest.approx(out["unroll"][0], rel=1e-12)
+        assert np.abs(out["scan"][1]).max() > 0
+        np.testing.assert_allclose(out["unroll"][1], out["scan"][1], rtol=1e-10, atol=1e-13)
+
+
 def test_stop_gradient_every_segment_cuts_memory_path():
     """With a cut every segment, the gate of segment s only sees gradient through the read."""
     with jax.enable_x64(True):
@@ -179,8 +201,6 @@ def test_short_last_segment_equals_its_padded_layout():
 def test_frozen_local_keeps_memory_path_gradients(remat):
     """frozen_local skips the backward of the sink and segment 0: values and the gradients of every
     memory-path parameter (gate, memory adapter, write gate) stay exactly the same."""
-    from eijax.testing import randomise_memory_path
-
     with jax.enable_x64(True):
         model = _model("llama", "delta", "linear", adapter=True, write_gate=True, remat=remat)
         randomise_memory_path(model)
