@@ -285,8 +285,8 @@ class EdgeInfiniteLM(nnx.Module):
         segments < i, and those come from the layer's input. So each layer (a `jax.lax.scan` over
         the stacked layers, or a Python loop over them: `MemoryConfig.layer_loop`) runs the sink
         once, projects k and v of all segments at once, scans the small memory update over
-        segments (`fold_window`: each segment's memory is read by it), and
-        then runs every full segment as one batch, each row reading its own memory. Against a scan
+        segments (`fold_window`: each segment's memory is read by it), and then runs every full
+        segment as one batch, each row reading its own memory. Against a scan
         over segments of a scan over layers this reads each layer's weights once per pass, not once
         per segment (a copy out of the stacked arrays on CPU: 0.8 s of a 5.6 s S-SFT step), stores
         the backward's residuals once, not twice (nested scans stack them twice), and multiplies
