@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
@@ -154,10 +154,10 @@ class MemoryConfig:
             raise ValueError(f"unknown gate {self.gate!r}; choose 'linear', 'head_linear' or 'scalar'")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
-        if self.remat not in ("auto", "none", "segment", "layer", "both"):
-            raise ValueError(f"unknown remat policy {self.remat!r}; choose auto, none, segment, layer or both")
-        if self.layer_loop not in ("auto", "scan", "unroll"):
-            raise ValueError(f"unknown layer_loop {self.layer_loop!r}; choose auto, scan or unroll")
+        if self.remat not in get_args(RematPolicy):
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose {', '.join(get_args(RematPolicy))}")
+        if self.layer_loop not in get_args(LayerLoop):
+            raise ValueError(f"unknown layer_loop {self.layer_loop!r}; choose {', '.join(get_args(LayerLoop))}")
 
     @property
     def cache_size(self) -> int:
@@ -165,19 +165,20 @@ class MemoryConfig:
 
     def resolved_remat(self) -> str:
         """The remat policy in force: "auto" resolved for the default JAX backend (see `remat`)."""
-        if self.remat != "auto":
-            return self.remat
-        import jax
-
-        return "none" if jax.default_backend() == "cpu" else "segment"
+        return _by_backend(self.remat, cpu="none", accelerator="segment")
 
     def resolved_layer_loop(self) -> str:
         """The layer loop in force: "auto" resolved for the default JAX backend (see `layer_loop`)."""
-        if self.layer_loop != "auto":
-            return self.layer_loop
-        import jax
+        return _by_backend(self.layer_loop, cpu="unroll", accelerator="scan")
 
-        return "unroll" if jax.default_backend() == "cpu" else "scan"
+
+def _by_backend(value: str, *, cpu: str, accelerator: str) -> str:
+    """An execution policy's "auto" resolved for the default JAX backend; any other value as set."""
+    if value != "auto":
+        return value
+    import jax
+
+    return cpu if jax.default_backend() == "cpu" else accelerator
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
