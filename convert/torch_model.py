@@ -99,8 +99,6 @@ class EdgeInfiniteTorch(nn.Module):
 
     def __init__(self, config: ModelConfig, memory: MemoryConfig, cache_write: str = "onehot"):
         super().__init__()
-        if memory.feature_map != "elu":  # the quadratic map was an experiment, not kept (MemoryConfig.feature_map)
-            raise ValueError(f"the PyTorch twin implements feature_map 'elu' only, not {memory.feature_map!r}")
         self.config, self.memory_config = config, memory
         self.cache_write = cache_write
         local = config.local_layers or (False,) * config.n_layers

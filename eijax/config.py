@@ -17,7 +17,6 @@ GateType = Literal["linear", "head_linear", "scalar"]
 MemoryRule = Literal["linear", "delta"]
 RematPolicy = Literal["auto", "none", "segment", "layer", "both"]
 LayerLoop = Literal["auto", "scan", "unroll"]
-FeatureMap = Literal["elu", "elu_quadratic"]
 
 # family -> the transformers class of a checkpoint (the one table of supported families). The family
 # is the config's model_type, except where HF_MODEL_TYPE names another (and the GGUF architecture).
@@ -145,13 +144,6 @@ class MemoryConfig:
     # where the stacking copies cost ~10% of a short-input step (docs/performance.md), scan on accelerators.
     layer_loop: LayerLoop = "auto"
     stop_gradient_every: int = 0  # >0: cut backprop through memory every k segments
-    # The memory's feature map φ (read σ(q) M / σ(q)·z uses φ for σ). "elu": σ = elu + 1 (DESIGN §1.1).
-    # "elu_quadratic": φ(x) = [σ(x) ; s·σ(x)[:r] ⊗ σ(x)[:r]], so the read weights are
-    # σ(q)·σ(k) + s²(σ_r(q)·σ_r(k))², a sharper kernel on r of the d features (docs/memory-training.md:
-    # tried for the beyond-window perplexity, not kept); M grows to (d + r²) x d per KV head.
-    feature_map: FeatureMap = "elu"
-    quadratic_rank: int = 16
-    quadratic_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
@@ -164,30 +156,12 @@ class MemoryConfig:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
         if self.remat not in get_args(RematPolicy):
             raise ValueError(f"unknown remat policy {self.remat!r}; choose {', '.join(get_args(RematPolicy))}")
-        if self.feature_map not in get_args(FeatureMap):
-            raise ValueError(f"unknown feature_map {self.feature_map!r}; choose {', '.join(get_args(FeatureMap))}")
-        if self.quadratic_rank < 1:
-            raise ValueError(f"quadratic_rank must be >= 1, got {self.quadratic_rank}")
         if self.layer_loop not in get_args(LayerLoop):
             raise ValueError(f"unknown layer_loop {self.layer_loop!r}; choose {', '.join(get_args(LayerLoop))}")
 
     @property
     def cache_size(self) -> int:
         return self.sink + self.window
-
-    def feature_dim(self, head_dim: int) -> int:
-        """Rows of each KV head's memory M (and length of z): the feature map's output size."""
-        if self.feature_map == "elu":
-            return head_dim
-        if self.quadratic_rank > head_dim:
-            raise ValueError(f"quadratic_rank {self.quadratic_rank} exceeds head_dim {head_dim}")
-        return head_dim + self.quadratic_rank ** 2
-
-    def features(self):
-        """φ for `eijax.memory.read` / `write` (see `feature_map`): an `eijax.memory.Features`."""
-        from eijax.memory import Features
-
-        return Features(self.feature_map, self.quadratic_rank, self.quadratic_scale)
 
     def resolved_remat(self) -> str:
         """The remat policy in force: "auto" resolved for the default JAX backend (see `remat`)."""

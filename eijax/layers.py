@@ -133,10 +133,10 @@ class MemoryPrior(nnx.Module):
     """The memory a long prompt starts from (MemoryConfig.prior): M0 [Hkv, d, d], z0 [Hkv, d] per layer,
     float32 like the memory itself. Zeros here; `eijax.memory_prior.prime` fills them from a primer text."""
 
-    def __init__(self, cfg: ModelConfig, *, lead, lead_axes, feature_dim: int):
-        hkv, d, f = cfg.n_kv_heads, cfg.head_dim, feature_dim
-        self.M = nnx.Param(jnp.zeros((*lead, hkv, f, d), jnp.float32), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
-        self.z = nnx.Param(jnp.zeros((*lead, hkv, f), jnp.float32), axes=(*lead_axes, "kv_heads_n", "head_dim"))
+    def __init__(self, cfg: ModelConfig, *, lead, lead_axes):
+        hkv, d = cfg.n_kv_heads, cfg.head_dim
+        self.M = nnx.Param(jnp.zeros((*lead, hkv, d, d), jnp.float32), axes=(*lead_axes, "kv_heads_n", "head_dim", "head_dim_out"))
+        self.z = nnx.Param(jnp.zeros((*lead, hkv, d), jnp.float32), axes=(*lead_axes, "kv_heads_n", "head_dim"))
 
 
 # The per-layer modules EdgeInfinite adds to the base model (Block attribute names): the memory path
@@ -270,7 +270,7 @@ class Block(nnx.Module):
         self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.write_gate else None
         # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
-        self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes, feature_dim=mem.feature_dim(cfg.head_dim)) if mem.prior else None
+        self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes) if mem.prior else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)
         self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
         if cfg.gemma:  # Gemma normalises the attention and MLP outputs too, before the residual add
@@ -280,7 +280,6 @@ class Block(nnx.Module):
             self.post_attn_norm = self.post_mlp_norm = None
         self.shape = (h, hkv, d)
         self.mem_eps = mem.eps
-        self.mem_phi = mem.features()
         self.use_memory = mem.enabled
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.softcap = cfg.attn_softcap
@@ -332,7 +331,7 @@ class Block(nnx.Module):
                 out = local_attention(q_rot, k_rot, v_cache, mask, self.scale, self.softcap)
             if self.use_memory:
                 q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
-                a_mem = mem_lib.read(memory, q_mem, self.mem_eps, self.mem_phi)
+                a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
                 g = self.gate(a_mem, out)
                 mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
                 out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local

@@ -19,14 +19,11 @@ class Memory(NamedTuple):
     z: jax.Array  # [B, Hkv, d] float32
 
 
-def empty_memory(batch: int, n_kv_heads: int, head_dim: int, lead: tuple[int, ...] = (), dtype=jnp.float32,
-                 feature_dim: int | None = None) -> Memory:
-    """Zero memory; M has `feature_dim` rows (default head_dim: the ELU + 1 map) and head_dim columns."""
+def empty_memory(batch: int, n_kv_heads: int, head_dim: int, lead: tuple[int, ...] = (), dtype=jnp.float32) -> Memory:
     dtype = jnp.promote_types(dtype, jnp.float32)
-    f = head_dim if feature_dim is None else feature_dim
     return Memory(
-        M=jnp.zeros((*lead, batch, n_kv_heads, f, head_dim), dtype),
-        z=jnp.zeros((*lead, batch, n_kv_heads, f), dtype),
+        M=jnp.zeros((*lead, batch, n_kv_heads, head_dim, head_dim), dtype),
+        z=jnp.zeros((*lead, batch, n_kv_heads, head_dim), dtype),
     )
 
 
@@ -40,31 +37,11 @@ def sigma(x: jax.Array) -> jax.Array:
     return jax.nn.elu(x.astype(_memory_dtype(x))) + 1.0
 
 
-def quadratic_features(x: jax.Array, rank: int, scale: float) -> jax.Array:
-    """[σ(x) ; scale · σ(x)[:rank] ⊗ σ(x)[:rank]] (MemoryConfig.feature_map "elu_quadratic"): the
-    kernel φ(q)·φ(k) = σ(q)·σ(k) + scale² (σ_r(q)·σ_r(k))²."""
-    s = sigma(x)
-    r = s[..., :rank]
-    return jnp.concatenate([s, scale * (r[..., :, None] * r[..., None, :]).reshape(*s.shape[:-1], rank * rank)], -1)
-
-
-class Features(NamedTuple):
-    """The feature map φ of reads and writes (MemoryConfig.feature_map); hashable, so layers keep it as static."""
-
-    kind: str = "elu"
-    rank: int = 16
-    scale: float = 1.0
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return sigma(x) if self.kind == "elu" else quadratic_features(x, self.rank, self.scale)
-
-
-def read(memory: Memory, q: jax.Array, eps: float, phi: Features = Features()) -> jax.Array:
-    """A_mem = φ(q) M_g / (φ(q)·z_g + eps), φ = σ by default. q: [B, T, H, d] pre-RoPE. Returns float32 [B, T, H, d]."""
+def read(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
+    """A_mem = σ(q) M_g / (σ(q)·z_g + eps). q: [B, T, H, d] pre-RoPE. Returns float32 [B, T, H, d]."""
     b, t, h, d = q.shape
     hkv = memory.M.shape[1]
-    sq = phi(q).astype(memory.M.dtype)
-    sq = sq.reshape(b, t, hkv, h // hkv, sq.shape[-1])
+    sq = sigma(q).astype(memory.M.dtype).reshape(b, t, hkv, h // hkv, d)
     num = jnp.einsum("btkgd,bkde->btkge", sq, memory.M)
     den = jnp.einsum("btkgd,bkd->btkg", sq, memory.z)[..., None] + eps
     return (num / den).reshape(b, t, h, d)
@@ -79,9 +56,9 @@ def write_strength(w: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array) -> ja
 
 
 def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: str, eps: float,
-          strength: jax.Array | None = None, phi: Features = Features()) -> Memory:
+          strength: jax.Array | None = None) -> Memory:
     """Fold tokens into memory. k, v: [B, T, Hkv, d] pre-RoPE; valid: [B, T] (padding writes nothing);
-    strength β: [B, T, Hkv] or None (β = 1); φ: the feature map (σ below), σ by default.
+    strength β: [B, T, Hkv] or None (β = 1).
 
     linear: M += (β σ(k))ᵀ v
     delta:  M += (β σ(k))ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z from before this write)
@@ -89,7 +66,7 @@ def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: st
     """
     dtype = memory.M.dtype
     mask = valid.astype(dtype)[:, :, None, None]
-    sk = phi(k).astype(dtype) * mask
+    sk = sigma(k).astype(dtype) * mask
     v = v.astype(dtype) * mask
     if rule == "delta":
         retrieved = jnp.einsum("btkd,bkde->btke", sk, memory.M)

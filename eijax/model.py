@@ -80,8 +80,7 @@ class EdgeInfiniteLM(nnx.Module):
             v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, mem.cache_size), bool),
             fill=jnp.zeros((), jnp.int32),
-            memory=mem_lib.empty_memory(batch, cfg.n_kv_heads, cfg.head_dim, lead=(cfg.n_layers,), dtype=dtype,
-                                         feature_dim=mem.feature_dim(cfg.head_dim)),
+            memory=mem_lib.empty_memory(batch, cfg.n_kv_heads, cfg.head_dim, lead=(cfg.n_layers,), dtype=dtype),
             written=jnp.zeros((batch,), bool),
             **local,
         )
@@ -455,7 +454,7 @@ def fold_window(memory: mem_lib.Memory, k: jax.Array, v: jax.Array, window_valid
     if adapter is not None:  # memory-path maps
         k, v = adapt(k, adapter[0]), adapt(v, adapter[1])
     strength = None if write_gate is None else mem_lib.write_strength(*write_gate, k, v)
-    return mem_lib.write(memory, k, v, window_valid, mem.rule, mem.eps, strength, mem.features())
+    return mem_lib.write(memory, k, v, window_valid, mem.rule, mem.eps, strength)
 
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:

@@ -148,7 +148,7 @@ def model_from_hf_tensors(config: ModelConfig, memory: MemoryConfig, tensors: di
         write_gate = MemoryWriteGate(config, **lead, param_dtype=to_dtype(config.param_dtype))
         nnx.update(model.blocks.write_gate, nnx.state(write_gate))
     if memory.prior:  # zeros until primed (eijax.memory_prior) or loaded with a memory file
-        nnx.update(model.blocks.memory_prior, nnx.state(MemoryPrior(config, **lead, feature_dim=memory.feature_dim(config.head_dim))))
+        nnx.update(model.blocks.memory_prior, nnx.state(MemoryPrior(config, **lead)))
     params_from_hf(model, tensors)
     return model
 

@@ -143,7 +143,7 @@ def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
     """`override` (e.g. another sink/window for inference) with what the trained weights need kept:
-    gate type, adapter, write gate, prior, memory rule, eps and feature map."""
+    gate type, adapter, write gate, prior, memory rule and eps."""
     if override is None:
         return saved
     if override.enabled and saved.enabled and (override.sink, override.window) != (saved.sink, saved.window):
@@ -152,9 +152,7 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
         log.warning("the memory path was trained with sink %d + window %d; running it with sink %d + window %d, "
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
-                               write_gate=saved.write_gate, prior=saved.prior, rule=saved.rule, eps=saved.eps,
-                               feature_map=saved.feature_map, quadratic_rank=saved.quadratic_rank,
-                               quadratic_scale=saved.quadratic_scale)
+                               write_gate=saved.write_gate, prior=saved.prior, rule=saved.rule, eps=saved.eps)
 
 
 def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | None):

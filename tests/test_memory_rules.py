@@ -134,28 +134,3 @@ def test_gqa_query_head_reads_kv_head_h_div_group():
             np.testing.assert_allclose(out[:, :, h], expect, rtol=1e-12)
         # a tiled (h % Hkv) assignment would read different heads: make sure the test can tell
         assert not np.allclose(out[:, :, 1], out[:, :, 3])
-
-
-def test_quadratic_feature_map_reads_with_the_sharper_kernel():
-    """feature_map "elu_quadratic": a linear-rule write then a read weight every written token by
-    σ(q)·σ(k) + s²(σ_r(q)·σ_r(k))², a float64 reference of the kernel it is meant to be."""
-    rank, scale = 2, 0.7
-    phi = mem_lib.Features("elu_quadratic", rank, scale)
-    rng = np.random.RandomState(3)
-    k, v = rng.randn(B, T, HKV, D), rng.randn(B, T, HKV, D)
-    q = rng.randn(B, T, H, D)
-    valid = rng.rand(B, T) > 0.25
-    valid[:, 0] = True
-    f = D + rank * rank
-    with jax.enable_x64(True):
-        memory = mem_lib.write(mem_lib.empty_memory(B, HKV, D, dtype=jnp.float64, feature_dim=f),
-                               jnp.asarray(k), jnp.asarray(v), jnp.asarray(valid), "linear", EPS, phi=phi)
-        got = np.asarray(mem_lib.read(memory, jnp.asarray(q), EPS, phi))
-    sq, sk = _sigma_np(q), _sigma_np(k)
-    for h in range(H):
-        g = h // (H // HKV)
-        lin = np.einsum("btd,bsd->bts", sq[:, :, h], sk[:, :, g])
-        quad = np.einsum("btd,bsd->bts", sq[:, :, h, :rank], sk[:, :, g, :rank]) ** 2
-        w = (lin + scale ** 2 * quad) * valid[:, None, :]
-        want = np.einsum("bts,bse->bte", w, v[:, :, g]) / (w.sum(-1, keepdims=True) + EPS)
-        np.testing.assert_allclose(got[:, :, h], want, rtol=1e-9, atol=1e-12)

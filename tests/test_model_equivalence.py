@@ -236,15 +236,3 @@ def test_unrolled_prefill_equals_scanned(family):
         np.testing.assert_allclose(got_h, want_h, rtol=1e-12, atol=1e-12)
         for a, b in zip(jax.tree.leaves(stack_caches(got)), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-
-
-def test_quadratic_feature_map_scan_equals_python_loop():
-    """feature_map "elu_quadratic" (an experiment, not kept): the segment scan and the streaming
-    prefill/compress path agree, and the memory has head_dim + rank² feature rows."""
-    with jax.enable_x64(True):
-        model = _model("llama", "delta", "linear", feature_map="elu_quadratic", quadratic_rank=2, quadratic_scale=0.5)
-        tokens, valid = _inputs()
-        scanned = np.asarray(nnx.jit(lambda m, t, v: m.forward(t, v))(model, tokens, valid))
-        looped, _, _, final = segment_loop(model, tokens, valid)
-        np.testing.assert_allclose(scanned, looped, rtol=1e-10, atol=1e-10)
-        assert final.memory.M.shape[-2:] == (model.config.head_dim + 4, model.config.head_dim)
