@@ -172,6 +172,25 @@ def test_by_write_table_splits_the_memory_method_only():
     assert by_write_table(rows[-2:-1], sink=32, window=256) == ""
 
 
+def test_digit_table_tells_a_blend_of_needles_from_digits_they_do_not_hold():
+    from eijax.eval.report import answer_digits, digit_shares, digit_table
+
+    needles = ["1234567", "7654321", "5555555", "9081796"]
+    assert answer_digits("The number for x is 1234. Or 7654321.") == "7654321"
+    assert digit_shares("1234567", "1234567", needles) == (1.0, 1.0)
+    # first three places from needle 0, the rest from needles 1 and 2: a blend, none of it the asked one's
+    own, some = digit_shares("1235521", "9081796", needles)
+    assert (own, some) == (0.0, 1.0)
+    assert digit_shares("33", "9081796", needles) == (0.0, 0.0)   # short and foreign: nothing carried
+    rows = [dict(task="multikey", length=2048, method="edgeinfinite", target="9081796", needles=needles, output=o)
+            for o in ("It is 1235521.", "It is 9081000.")]
+    rows.append(dict(task="passkey", length=2048, method="edgeinfinite", target="12345", output="12345"))
+    table = digit_table(rows)
+    # own and any needle: (0 + 4/7) / 2 and (1 + 4/7) / 2 ("9081" from the asked one, "000" from none)
+    assert "| multikey | 2048 | edgeinfinite | 2 | 0.29 | 0.79 |" in table
+    assert "passkey" not in table and digit_table(rows[-1:]) == ""
+
+
 def test_ppl_gap_groups_each_prediction_by_where_its_bigram_was_seen():
     from eijax.eval.ppl_gap import token_groups, window_start
 

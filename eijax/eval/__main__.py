@@ -145,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     by_write = report.by_write_table(rows, memory.sink, memory.window)
     if by_write:  # where the memory's misses are: a needle in the first write vs later ones
         table += "\n" + by_write
+    digits = report.digit_table(rows)
+    if digits:  # multikey: do wrong answers blend the needles' values, or carry none of them?
+        table += "\n" + digits
     (out / "table.md").write_text(table, encoding="utf-8")
     report.write_csv(report.aggregate(rows), out / "table.csv")
     plots = {name: fn(rows, out / name) for name, fn in [("accuracy_vs_length.png", report.plot_accuracy_vs_length),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,6 +65,42 @@ def by_write_table(rows: Sequence[dict[str, Any]], sink: int, window: int,
     lines = ["| task | length | method | needle in | n | accuracy |", "|---|---|---|---|---|---|"]
     for a in aggregate(split, ("task", "length", "method", "where")):
         lines.append(f"| {a['task']} | {a['length']} | {a['method']} | {a['where']} | {a['n']} | {_cell(a)} |")
+    return "\n".join(lines) + "\n"
+
+
+def answer_digits(output: str) -> str:
+    """The number an answer gives: its last run of digits ("" when it has none)."""
+    numbers = re.findall(r"\d+", output)
+    return numbers[-1] if numbers else ""
+
+
+def digit_shares(answer: str, target: str, needles: Sequence[str]) -> tuple[float, float]:
+    """(share of the target's places where `answer` has the target's digit, share where it has the
+    digit some needle has there): a wrong answer made of the needles' digits in place is a blend of
+    their values, one made of other digits carries nothing from them."""
+    places = range(len(target))
+    at = lambda i: answer[i] if i < len(answer) else None
+    own = sum(at(i) == target[i] for i in places) / len(target)
+    some = sum(any(i < len(n) and at(i) == n[i] for n in needles) for i in places) / len(target)
+    return own, some
+
+
+def digit_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per (task, length, method) of rows that list every needle (multikey): the mean share of answer
+    digits equal to the asked needle's at the same place and to any needle's, i.e. how much of the
+    needles' values a wrong answer still carries, and whether it is the asked one's."""
+    cells: dict[tuple, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("needles") and r.get("target"):
+            key = (r["task"], r["length"], r["method"])
+            cells.setdefault(key, []).append(digit_shares(answer_digits(r.get("output", "")), r["target"], r["needles"]))
+    if not cells:
+        return ""
+    lines = ["| task | length | method | n | digits of the asked needle, in place | digits of any needle, in place |",
+             "|---|---|---|---|---|---|"]
+    for (task, length, method), v in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        own, some = (sum(x) / len(v) for x in zip(*v))
+        lines.append(f"| {task} | {length} | {method} | {len(v)} | {own:.2f} | {some:.2f} |")
     return "\n".join(lines) + "\n"
 
 

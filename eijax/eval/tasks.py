@@ -48,6 +48,8 @@ def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Seq
                                 depth=depth, filler=filler)
                 doc, question = prompt_parts(tokenizer, s["instruction"], s["context"])
                 meta = {"target": s["target"], "needle_token": needle_token(tokenizer, doc, s["target"])}
+                if "values" in s:  # multikey: every needle's value, for report.digit_table
+                    meta["needles"] = list(s["values"])
                 out.append(Example(task, int(length), doc, question,
                                    lambda text, s=s: float(score_answer(task, text, s)), max_new_tokens,
                                    depth if depth is not None else s.get("depth"), meta,
