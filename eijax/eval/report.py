@@ -89,16 +89,16 @@ def digit_table(rows: Sequence[dict[str, Any]]) -> str:
     """Per (task, length, method) of rows that list every needle (multikey): the mean share of answer
     digits equal to the asked needle's at the same place and to any needle's, i.e. how much of the
     needles' values a wrong answer still carries, and whether it is the asked one's."""
-    cells: dict[tuple, list[tuple[float, float]]] = {}
+    cells: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         if r.get("needles") and r.get("target"):
-            key = (r["task"], r["length"], r["method"])
-            cells.setdefault(key, []).append(digit_shares(answer_digits(r.get("output", "")), r["target"], r["needles"]))
+            answer = answer_digits(r.get("output", ""))
+            cells[r["task"], r["length"], r["method"]].append(digit_shares(answer, r["target"], r["needles"]))
     if not cells:
         return ""
     lines = ["| task | length | method | n | digits of the asked needle, in place | digits of any needle, in place |",
              "|---|---|---|---|---|---|"]
-    for (task, length, method), v in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (task, length, method), v in sorted(cells.items()):
         own, some = (sum(x) / len(v) for x in zip(*v))
         lines.append(f"| {task} | {length} | {method} | {len(v)} | {own:.2f} | {some:.2f} |")
     return "\n".join(lines) + "\n"
