@@ -38,6 +38,7 @@ from eijax.config import MemoryConfig
 from eijax.data.layout import drop_middle as truncate_middle  # the S-SFT fitting rule: keep head and tail
 from eijax.model import EdgeInfiniteLM, State, split_caches, split_layers, stack_caches, with_memory_config
 from eijax.schedule import Chunk, plan_chunks, split_prime_point
+from eijax.tokenizer import PLAIN_TEMPLATE
 
 Method = Literal["edgeinfinite", "streaming", "full"]
 METHODS: tuple[str, ...] = ("edgeinfinite", "streaming", "full")
@@ -422,13 +423,19 @@ def base_model_source(model: str | None, checkpoint: str | None) -> str:
     return trained_base(checkpoint)
 
 
-def stop_ids(tokenizer) -> tuple[int, ...]:
+def stop_ids(tokenizer, templated: bool = True) -> tuple[int, ...]:
     """End-of-sequence and end-of-turn (<|im_end|>, Gemma's <end_of_turn>, when the vocabulary has
-    them) ids of a tokenizer."""
+    them) ids of a tokenizer. A prompt in the completion layout (`templated`, and the tokenizer's
+    template is eijax.tokenizer.PLAIN_TEMPLATE) is answered by one paragraph, so a blank line
+    ("\\n\\n" when it is one token) stops too: a base model would go on with "Answer: ..." again."""
     ids = {tokenizer.eos_token_id}
     convert = getattr(tokenizer, "convert_tokens_to_ids", None)
     if convert is not None:
         ids.update(convert(t) for t in ("<|im_end|>", "<end_of_turn>"))
+    if templated and getattr(tokenizer, "chat_template", None) == PLAIN_TEMPLATE:
+        blank = tokenizer.encode("\n\n", add_special_tokens=False)
+        if len(blank) == 1:
+            ids.add(blank[0])
     unk = getattr(tokenizer, "unk_token_id", None)
     return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
@@ -479,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompt, question = tok.encode(document, add_special_tokens=False), tok.encode(a.prompt, add_special_tokens=False)
     else:
         prompt, question = prompt_parts(tok, a.prompt, document)
-    sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed, stop_ids(tok))
+    sampling = SamplingConfig(a.max_new_tokens, a.temperature, a.top_p, a.seed, stop_ids(tok, templated=not a.raw))
     out = gen.generate(prompt, sampling, question=question,
                        on_token=lambda t: print(tok.decode([t]), end="", flush=True))
     print(f"\n[{a.method}] prompt {out.prompt_tokens} tokens, route {out.route}, loaded in {loaded:.2f}s, "

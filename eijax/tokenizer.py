@@ -3,8 +3,10 @@
 GGUFs: transformers converts the vocabulary on every load (Gemma 3's 262K tokens without merges
 take 30-60 s, SmolLM2's several seconds), so the converted tokenizer is saved once under the eijax cache folder
 (`registry.cache_dir()`, keyed by the file's path, size, mtime and the transformers version) and
-reloaded from there (about 5 s). A Gemma 3 GGUF without a chat template (gemma-3-270m, the base
-model, has none) gets Gemma 3's own template (as in google/gemma-3-*'s tokenizer_config.json).
+reloaded from there (about 5 s).
+
+A checkpoint that brings no chat template (gemma-3-270m's GGUF: a base model) gets the completion
+layout `PLAIN_TEMPLATE`, which base models follow; every chat template a checkpoint brings is kept.
 """
 
 from __future__ import annotations
@@ -27,49 +29,21 @@ from eijax.cli import InputError, MissingInput
 _DIGIT_ISOLATING_PRE_TOKENIZERS = frozenset(
     {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
 
-# Gemma 3's chat template (google/gemma-3-1b-it, gemma-3-270m tokenizer_config.json): user/model
-# turns, a system message folded into the first user turn.
-GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"""
+# The completion layout, for checkpoints that bring no chat template (base models such as
+# gemma-3-270m, whose GGUF has none): each message's text as a paragraph, an answer after "Answer:".
+# A base model continues it; given Gemma 3's chat turns instead, gemma-3-270m restated the question
+# (passkey 0/6 at 1K even with full attention) where with this layout full attention found 6/6.
+# Prefix-stable, as eijax.data.records needs: the prompt ends with "Answer:", the answer follows it.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ 'Answer: ' + (message['content'] | trim) + eos_token + '\\n\\n' }}"
+    "{%- else -%}"
+    "{{ (message['content'] | trim) + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Answer:' }}{%- endif -%}")
 
 
 def load_tokenizer(name_or_path: str | Path):
@@ -98,12 +72,12 @@ def _load_tokenizer_cached(path: Path):
         raise InputError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(f"{path} gave a {type(tokenizer).__name__}, not a fast (tokenizers) tokenizer")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_TEMPLATE
     return tokenizer
 
 
 def _gguf_tokenizer(path: Path):
-    meta = read_gguf_metadata(path, ["general.architecture", "tokenizer.chat_template"])
-    architecture = meta.get("general.architecture")
     # Every GGUF's converted tokenizer is cached: Gemma 3's takes 30-60 s to rebuild (no merges in
     # the file), and even SmolLM2's ~5-10 s would be most of a generate start.
     cached = _tokenizer_cache_folder(path)
@@ -117,8 +91,6 @@ def _gguf_tokenizer(path: Path):
     tokenizer = AutoTokenizer.from_pretrained(
         path.parent, gguf_file=path.name, local_files_only=True, trust_remote_code=False)
     _isolate_digits_like_llama_cpp(tokenizer, path)
-    if architecture == "gemma3" and not meta.get("tokenizer.chat_template"):
-        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     _save_to_cache(tokenizer, cached)
     return tokenizer
 
@@ -127,7 +99,8 @@ def _tokenizer_cache_folder(path: Path) -> Path:
     import transformers
 
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    # "|2": caches written before the completion layout hold Gemma 3's chat template for gemma-3-270m
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|2"
     return cache_dir() / "tokenizers" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 

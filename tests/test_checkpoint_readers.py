@@ -330,7 +330,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_hf_folder_tokenizer_round_trips_and_is_cached(tmp_path, no_network):
+def _save_tiny_hf_tokenizer(folder, chat_template: str | None = None) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
@@ -338,9 +338,13 @@ def test_hf_folder_tokenizer_round_trips_and_is_cached(tmp_path, no_network):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>").save_pretrained(tmp_path)
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog\n\n"] * 20, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                         chat_template=chat_template).save_pretrained(folder)
 
+
+def test_hf_folder_tokenizer_round_trips_and_is_cached(tmp_path, no_network):
+    _save_tiny_hf_tokenizer(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     assert isinstance(tokenizer, transformers.PreTrainedTokenizerFast)
     text = "the lazy fox, 42 times! <|im_end|>"
@@ -348,6 +352,32 @@ def test_hf_folder_tokenizer_round_trips_and_is_cached(tmp_path, no_network):
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.decode(ids) == text
     assert load_tokenizer(str(tmp_path)) is tokenizer
+
+
+def test_a_checkpoint_without_chat_template_gets_the_completion_layout(tmp_path, no_network):
+    from eijax.data.records import ChatRecord, QARecord, render_parts, render_text
+    from eijax.generate import stop_ids
+
+    _save_tiny_hf_tokenizer(tmp_path / "base")
+    base = load_tokenizer(tmp_path / "base")
+    ctx, query, answer = render_text(QARecord("the lazy dog", "the fox?", "the quick fox"), base)
+    assert (ctx, query, answer) == ("the lazy dog", "\n\nthe fox?\n\nAnswer:", " the quick fox<|im_end|>\n\n")
+    parts = render_parts(QARecord("the lazy dog", "the fox?", "the quick fox"), base)
+    assert parts.answer[-1] == base.eos_token_id  # generation stops at eos, cut there
+    # turns of a chat follow one another, each answer after "Answer:"
+    chat = ChatRecord((("user", "the dog"), ("assistant", "lazy"), ("user", "the fox?"), ("assistant", "quick")))
+    ctx, query, answer = render_text(chat, base)
+    assert ctx + query == "the dog\n\nAnswer: lazy<|im_end|>\n\nthe fox?\n\nAnswer:" and answer == " quick<|im_end|>\n\n"
+
+    # the answer is one paragraph: a blank line stops generation, unless the prompt was not templated
+    blank, = base.encode("\n\n", add_special_tokens=False)
+    assert blank in stop_ids(base) and blank not in stop_ids(base, templated=False)
+
+    own = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    _save_tiny_hf_tokenizer(tmp_path / "chat", chat_template=own)
+    chat_tokenizer = load_tokenizer(tmp_path / "chat")
+    assert chat_tokenizer.chat_template == own  # a template it brings is kept, and so is its answer
+    assert blank not in stop_ids(chat_tokenizer)
 
 
 @pytest.fixture(scope="module")

