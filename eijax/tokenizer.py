@@ -31,8 +31,8 @@ _DIGIT_ISOLATING_PRE_TOKENIZERS = frozenset(
 
 # The completion layout, for checkpoints that bring no chat template (base models such as
 # gemma-3-270m, whose GGUF has none): each message's text as a paragraph, an answer after "Answer:".
-# A base model continues it; given Gemma 3's chat turns instead, gemma-3-270m restated the question
-# (passkey 0/6 at 1K even with full attention) where with this layout full attention found 6/6.
+# A base model continues it: gemma-3-270m with full attention answers the passkey 60/60 at 1K-4K in
+# this layout; given Gemma 3's chat turns it restated the question (0/6 at 1K).
 # Prefix-stable, as eijax.data.records needs: the prompt ends with "Answer:", the answer follows it.
 PLAIN_TEMPLATE = (
     "{{ bos_token }}"
