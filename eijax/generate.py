@@ -440,12 +440,14 @@ def stop_ids(tokenizer, templated: bool = True) -> tuple[int, ...]:
     return tuple(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
 
-def prompt_parts(tokenizer, question: str, document: str = "") -> tuple[list[int], list[int]]:
+def prompt_parts(tokenizer, question: str, document: str = "",
+                 question_position: str = "last") -> tuple[list[int], list[int]]:
     """(document part, question part) in the chat layout used by S-SFT (eijax.data.records.render_parts):
-    the document part ends with the document; the question part carries the rest of the prompt."""
+    the document part ends with the document; the question part carries the rest of the prompt.
+    `question_position="both"` also puts the question before the document (S-SFT's question-both)."""
     from eijax.data.records import QARecord, render_parts
 
-    parts = render_parts(QARecord(document, question, ""), tokenizer, "last")
+    parts = render_parts(QARecord(document, question, ""), tokenizer, question_position)
     return parts.ctx, parts.query
 
 

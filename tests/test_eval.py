@@ -141,6 +141,27 @@ def test_interrupted_run_resumes_with_only_the_missing_examples(tiny_model_dir, 
     assert e.value.code == 2 and "--samples" in capsys.readouterr().err
 
 
+def test_question_both_puts_the_question_before_the_document_too():
+    """`--question-position both` (S-SFT's question-both): the same sample, the question also at
+    the document's start, the question part unchanged, the needle found where it moved to."""
+    from eijax.eval.tasks import synthetic_examples
+    from eijax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    kw = dict(lengths=[400], depths=[0.5], samples=1, seed=3)
+    (last,), (both,) = (synthetic_examples(tok, "multikey", **kw, question_position=p) for p in ("last", "both"))
+    asked = tok.decode(last.question).split("?")[0].split("for ")[-1]  # the asked needle's name
+    assert both.question == last.question and asked in tok.decode(last.question)
+    head = lambda ex: tok.decode(ex.document[:60])
+    assert asked in head(both) and asked not in head(last)
+    assert len(both.document) > len(last.document)
+    shift = both.meta["needle_token"] - last.meta["needle_token"]
+    assert both.document[both.meta["needle_token"]:][:3] == last.document[last.meta["needle_token"]:][:3]
+    assert 10 < shift == len(both.document) - len(last.document)
+    with pytest.raises(ValueError, match="question_position"):
+        synthetic_examples(tok, "multikey", **kw, question_position="first")
+
+
 class _CharTokenizer:  # one id per character: needle positions are easy to check by hand
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]

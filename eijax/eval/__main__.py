@@ -48,6 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=2, help="examples per (task, length, depth)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--question-position", default="last", choices=("last", "both"),
+                   help="synthetic tasks: the question after the document only (S-SFT's default), or also before it")
     p.add_argument("--longbench", nargs="*", default=[], help="LongBench-format JSONL files")
     p.add_argument("--longbench-metric", default="auto", choices=("auto", "qa_f1", "rouge_l"))
     p.add_argument("--longbench-samples", type=int, default=20)
@@ -115,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lengths = _ints(a.lengths)
     examples = []
     for task in [t for t in a.tasks.split(",") if t and t != "none"]:
-        examples += synthetic_examples(tokenizer, task, lengths, _depths(a.depths), a.samples, a.seed, a.max_new_tokens)
+        examples += synthetic_examples(tokenizer, task, lengths, _depths(a.depths), a.samples, a.seed, a.max_new_tokens,
+                                        a.question_position)
     for path in a.longbench:
         examples += longbench_examples(tokenizer, path, lengths, a.longbench_samples, a.longbench_max_new_tokens,
                                        a.longbench_metric)

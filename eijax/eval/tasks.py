@@ -35,7 +35,8 @@ class Example:
 
 
 def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Sequence[float | None],
-                       samples: int, seed: int, max_new_tokens: int = 24) -> list[Example]:
+                       samples: int, seed: int, max_new_tokens: int = 24,
+                       question_position: str = "last") -> list[Example]:
     """`samples` examples per (length, depth); index i shares its key and filler across depths."""
     from eijax.data.synthetic import filler_for, make_sample, score_answer
 
@@ -46,7 +47,7 @@ def synthetic_examples(tokenizer, task: str, lengths: Sequence[int], depths: Seq
             for i in range(samples):
                 s = make_sample(task, i, seed=seed, tokenizer=tokenizer, context_tokens=int(length),
                                 depth=depth, filler=filler)
-                doc, question = prompt_parts(tokenizer, s["instruction"], s["context"])
+                doc, question = prompt_parts(tokenizer, s["instruction"], s["context"], question_position)
                 meta = {"target": s["target"], "needle_token": needle_token(tokenizer, doc, s["target"])}
                 if "values" in s:  # multikey: every needle's value, for report.digit_table
                     meta["needles"] = list(s["values"])
