@@ -30,6 +30,15 @@ def test_defaults_are_smollm2_with_the_shipped_recipe():
         assert getattr(getattr(c, section), name) == getattr(getattr(shipped, section), name), key
 
 
+def test_every_experiment_config_loads_and_writes_to_its_own_folder():
+    """Each file of configs/experiments is one command (`python train.py <file>`): it must load, and
+    no two may share an output folder, or one run would resume from the other's checkpoints."""
+    files = sorted((Path(__file__).parents[1] / "configs/experiments").glob("*.yaml"))
+    assert len(files) > 10
+    folders = {f.name: load_config(f).run.output_dir for f in files}
+    assert len(set(folders.values())) == len(folders), folders
+
+
 def test_layer_order_base_model_experiment_cli(tmp_path):
     exp = _exp(tmp_path, "model_name: qwen3-0.6b\noptim:\n  learning_rate: 3.0e-3\n  warmup_steps: 7\n")
     c = load_config(exp, ["optim.learning_rate=1e-2", "mesh_name=fsdp"])

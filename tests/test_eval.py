@@ -249,3 +249,14 @@ def test_ppl_gap_table_splits_the_gap_and_reproduces_the_beyond_window_mean(tiny
     assert sum(r["gap_share"] for r in groups) == pytest.approx(1.0)
     for m in ("full", "streaming", "edgeinfinite"):  # 'all' is the mean of the groups, weighted by n
         assert total[f"nll_{m}"] == pytest.approx(sum(r["n"] * r[f"nll_{m}"] for r in groups) / total["n"])
+
+
+def test_memory_probe_cli_reports_binding_for_multikey(tiny_model_dir, capsys):
+    """`python -m eijax.eval.memory_probe --task multikey`: each of the four needles is found in the
+    stream (question before the document too), and the binding table and its summary are printed."""
+    from eijax.eval.memory_probe import main
+
+    main(["--model", str(tiny_model_dir), "--task", "multikey", "--question-position", "both", "--length", "600",
+          "--sink", "16", "--window", "112", "--samples", "2", "--temperatures", "", "--favor", "64"])
+    out = capsys.readouterr().out
+    assert "binding per layer" in out and "best head binding: memory read" in out and "64 random features" in out

@@ -14,7 +14,19 @@ holds (memory-path adapter maps applied where the model has them). Per layer and
 
 A memory that can recall the needle needs selectivity well above 1 in some head of some layer.
 
+For a multi-key sample (`--task multikey`: four needles "The special magic number for <name> is
+<value>.", the question names one) the probe asks whether the name in the question steers the read:
+per layer and query head, the selectivity of the asked needle over the mean selectivity of the three
+others,
+
+    binding = selectivity(asked) / mean_j selectivity(other needle j)   (1 = the name does not steer)
+
+for the memory read, for softmax over the same q and k, and (`--favor m`) for a read through m
+positive random features, softmax's kernel in a form a fixed-size memory could hold; and the mean
+write strength β on the asked needle's tokens and on the other needles'.
+
     python -m eijax.eval.memory_probe --model smollm2 --length 400 --samples 8 [--checkpoint C]
+    python -m eijax.eval.memory_probe --checkpoint smollm2-memory --task multikey --length 2000
 """
 
 from __future__ import annotations
@@ -101,13 +113,40 @@ def layer_qk(model, ctx: Sequence[int], query: Sequence[int]) -> tuple[np.ndarra
     return np.asarray(q), np.asarray(k), np.asarray(strength), written
 
 
-def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray, temperatures: Sequence[float] = (),
-                  strength: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per layer and query head: memory-read and softmax weight on the needle tokens, and their
-    selectivity (share / uniform share). q [NL, H, d], k [NL, T, Hkv, d], needle [T] bool,
-    strength [NL, T, Hkv] (the write strengths β_t, which scale the memory read's weights; None: 1).
-    `temperatures` adds σ(βq)·σ(βk) reads ("mem_b<β>"): elu+1's constant offset gives every key a
-    similarity of ~d, which a larger β makes small against the q/k-dependent part."""
+def favor_weights(q: np.ndarray, kk: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
+    """Read weights φ(q)·φ(k) [NL, H, T] of `m` positive orthogonal random features (Performer's
+    FAVOR+), an unbiased estimate of softmax's exp(q·k/√d) that a fixed-size linear memory could
+    hold (M would be m x d per KV head). q [NL, H, d], kk [NL, T, H, d]; float64, stabilised per
+    query and per (layer, head) over the keys, constants that cancel in every share."""
+    d = q.shape[-1]
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for _ in range(-(-m // d)):  # d orthogonal directions per block, Haar-uniform (R's signs fixed), Gaussian lengths
+        o, r = np.linalg.qr(rng.standard_normal((d, d)))
+        blocks.append((o * np.sign(np.diag(r))).T)
+    w = np.concatenate(blocks)[:m] * np.linalg.norm(rng.standard_normal((m, d)), axis=1, keepdims=True)
+
+    def log_phi(x):  # log of exp(w·x' - |x'|²/2), x' = x / d^(1/4)
+        x = x.astype(np.float64) / d ** 0.25
+        return x @ w.T - (x ** 2).sum(-1, keepdims=True) / 2
+
+    out = np.empty(q.shape[:2] + kk.shape[1:2])
+    for layer in range(q.shape[0]):  # one layer at a time: [T, H, m] in float64 is large
+        lq, lk = log_phi(q[layer]), log_phi(kk[layer])              # [H, m], [T, H, m]
+        fq = np.exp(lq - lq.max(-1, keepdims=True))
+        fk = np.exp(lk - lk.max(axis=(0, 2), keepdims=True))
+        out[layer] = np.einsum("hm,thm->ht", fq, fk)
+    return out
+
+
+def read_weights(q: np.ndarray, k: np.ndarray, temperatures: Sequence[float] = (),
+                 strength: np.ndarray | None = None, favor: Sequence[int] = (),
+                 favor_seed: int = 0) -> dict[str, np.ndarray]:
+    """Per read, its weight on every memory token [NL, H, T]: "mem" (σ(q)·σ(k) x β, the memory's own
+    read), "soft" (softmax over the same q and k), "mem_b<β>" for each of `temperatures` (σ(βq)·σ(βk):
+    elu+1's constant offset gives every key a similarity of ~d, which a larger β makes small against
+    the q/k-dependent part), "favor<m>" for each of `favor` (`favor_weights` x β).
+    q [NL, H, d], k [NL, T, Hkv, d], strength [NL, T, Hkv] (the write strengths β_t; None: 1)."""
     nl, h, d = q.shape
     group = h // k.shape[2]
     kk = k[:, :, np.arange(h) // group]                       # [NL, T, H, d]: head h reads KV head h // G
@@ -118,35 +157,67 @@ def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray, temperatures
                          np.asarray(sigma(jnp.asarray(beta * kk))), written)
 
     logits = np.einsum("lhd,lthd->lht", q, kk) / np.sqrt(d)
-    soft = np.exp(logits - logits.max(-1, keepdims=True))
-    uniform = needle.mean()
+    return {"mem": linear(1.0), "soft": np.exp(logits - logits.max(-1, keepdims=True)),
+            **{f"mem_b{b:g}": linear(b) for b in temperatures},
+            **{f"favor{m}": favor_weights(q, kk, m, favor_seed) * written.transpose(0, 2, 1) for m in favor}}
+
+
+def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray, temperatures: Sequence[float] = (),
+                  strength: np.ndarray | None = None, favor: Sequence[int] = (),
+                  weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per layer and query head, for each read of `read_weights` (or of `weights`, computed once):
+    its weight on the needle tokens (needle [T] bool) and their selectivity (share / uniform share)."""
+    weights = read_weights(q, k, temperatures, strength, favor) if weights is None else weights
     out = {}
-    reads = [("mem", linear(1.0)), ("soft", soft)] + [(f"mem_b{b:g}", linear(b)) for b in temperatures]
-    for name, wts in reads:
+    for name, wts in weights.items():
         share = wts[..., needle].sum(-1) / wts.sum(-1)
         out[f"share_{name}"] = share
-        out[f"selectivity_{name}"] = share / uniform
+        out[f"selectivity_{name}"] = share / needle.mean()
     return out
 
 
-def probe(model, tokenizer, samples: Sequence[dict[str, Any]],
-          temperatures: Sequence[float] = ()) -> dict[str, np.ndarray]:
-    """Mean over samples of `needle_shares` (passkey samples; the needle is its whole sentence), and
-    of the mean write strength β on the needle's tokens and on the rest ([NL, Hkv] each)."""
+def binding(q: np.ndarray, k: np.ndarray, needles: Sequence[np.ndarray], asked: int,
+            strength: np.ndarray | None = None, favor: Sequence[int] = (),
+            favor_seed: int = 0) -> dict[str, np.ndarray]:
+    """Per layer and query head [NL, H]: the asked needle's selectivity over the mean of the other
+    needles' (1 = the question's name does not steer the read), for the memory read, softmax and
+    `favor` random-feature reads."""
+    weights = read_weights(q, k, (), strength, favor, favor_seed)
+    sel = [needle_shares(q, k, m, weights=weights) for m in needles]
+    others = [j for j in range(len(needles)) if j != asked]
+    return {f"binding_{name}": sel[asked][f"selectivity_{name}"] /
+            np.mean([sel[j][f"selectivity_{name}"] for j in others], axis=0) for name in weights}
+
+
+def probe(model, tokenizer, samples: Sequence[dict[str, Any]], temperatures: Sequence[float] = (),
+          question_position: str = "last", favor: Sequence[int] = (), favor_seed: int = 0) -> dict[str, np.ndarray]:
+    """Mean over samples of `needle_shares` for the asked needle (its whole sentence), of the mean
+    write strength β on its tokens and on the rest ([NL, Hkv] each), and for multi-key samples of
+    `binding` (a geometric mean: softmax's ratios span many orders of magnitude) and of β on the
+    other needles' tokens."""
     from eijax.generate import prompt_parts
 
     acc: dict[str, list[np.ndarray]] = {}
     for s in samples:
-        ctx, query = prompt_parts(tokenizer, s["instruction"], s["context"])
-        key = s["target"]
-        needle_text = f"The pass key is {key}. Remember it. {key} is the pass key."
+        ctx, query = prompt_parts(tokenizer, s["instruction"], s["context"], question_position)
         q, k, strength, written = layer_qk(model, ctx, query)
-        needle = needle_token_mask(tokenizer, ctx, needle_text)[written]
+        if s["task"] == "multikey":
+            texts = [f"The special magic number for {n} is {v}." for n, v in zip(s["keys"], s["values"])]
+            asked = s["keys"].index(s["key"])
+        else:
+            texts, asked = [f"The pass key is {s['target']}. Remember it. {s['target']} is the pass key."], 0
+        masks = [needle_token_mask(tokenizer, ctx, t)[written] for t in texts]
+        needle = masks[asked]
         stats = needle_shares(q, k, needle, temperatures, strength)
         stats.update(strength_needle=strength[:, needle].mean(1), strength_rest=strength[:, ~needle].mean(1))
+        if len(masks) > 1:
+            other = np.any([m for j, m in enumerate(masks) if j != asked], axis=0)
+            logs = {name: np.log(v) for name, v in binding(q, k, masks, asked, strength, favor, favor_seed).items()}
+            stats.update(logs, strength_other_needles=strength[:, other].mean(1))
         for name, v in stats.items():
             acc.setdefault(name, []).append(v)
-    return {name: np.mean(v, axis=0) for name, v in acc.items()}
+    return {name: np.exp(np.mean(v, axis=0)) if name.startswith("binding_") else np.mean(v, axis=0)
+            for name, v in acc.items()}
 
 
 @cli.main_guard
@@ -161,6 +232,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
     p.add_argument("--sink", type=int, default=32)
     p.add_argument("--window", type=int, default=256)
+    p.add_argument("--task", default="passkey", choices=("passkey", "multikey"),
+                   help="multikey adds whether the question's name steers the read (binding)")
+    p.add_argument("--question-position", default="last", choices=("last", "both"),
+                   help="the question after the document only, or also before it (S-SFT's question-both)")
+    p.add_argument("--favor", default="", help="multikey: also bind through m positive random features "
+                                               "(a softmax-like read a fixed-size memory could hold), comma list of m")
+    p.add_argument("--favor-seed", type=int, default=0, help="draw of the random features (their noise is large)")
     p.add_argument("--length", type=int, default=400, help="context tokens (the needle goes to memory)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=777)
@@ -171,9 +249,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     tok = load_tokenizer(source)
     model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
     filler = Filler.for_tokenizer(tok)
-    samples = [make_sample("passkey", i, seed=a.seed, tokenizer=tok, context_tokens=a.length, filler=filler)
+    samples = [make_sample(a.task, i, seed=a.seed, tokenizer=tok, context_tokens=a.length, filler=filler)
                for i in range(a.samples)]
-    res = probe(model, tok, samples, temps)
+    favor = [int(m) for m in a.favor.split(",") if m]
+    res = probe(model, tok, samples, temps, a.question_position, favor, a.favor_seed)
     print(f"needle selectivity per layer (share of weight on the needle / uniform share), {a.samples} samples, "
           f"context {a.length}, sink {a.sink}, window {a.window}:")
     print(f"{'layer':>5} {'mem max':>8} {'mem mean':>9} {'soft max':>9} {'soft mean':>10}")
@@ -187,6 +266,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         sn, sr = res["strength_needle"], res["strength_rest"]
         print("write strength β (mean over KV heads), needle tokens / the rest, per layer: " + ", ".join(
             f"{i}: {n:.2f}/{r:.2f}" for i, (n, r) in enumerate(zip(sn.mean(1), sr.mean(1)))))
+    if "binding_mem" in res:
+        bm, bs = res["binding_mem"], res["binding_soft"]
+        print("binding per layer (asked needle's selectivity / the other needles' mean; 1 = the name does not steer):")
+        print(f"{'layer':>5} {'mem max':>8} {'mem mean':>9} {'soft max':>9} {'soft mean':>10}")
+        for layer in range(bm.shape[0]):
+            print(f"{layer:>5} {bm[layer].max():>8.2f} {bm[layer].mean():>9.2f} {bs[layer].max():>9.2f} "
+                  f"{bs[layer].mean():>10.2f}")
+        print(f"best head binding: memory read {bm.max():.2f}, softmax {bs.max():.2f}" + "".join(
+            f", {m} random features {res[f'binding_favor{m}'].max():.2f} (layer "
+            f"{np.unravel_index(res[f'binding_favor{m}'].argmax(), bm.shape)[0]})" for m in favor))
+        if model.memory_config.write_gate:
+            print("write strength β, asked needle / other needles, per layer: " + ", ".join(
+                f"{i}: {n:.2f}/{o:.2f}" for i, (n, o) in
+                enumerate(zip(res["strength_needle"].mean(1), res["strength_other_needles"].mean(1)))))
 
 
 if __name__ == "__main__":
