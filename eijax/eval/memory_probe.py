@@ -178,11 +178,11 @@ def needle_shares(q: np.ndarray, k: np.ndarray, needle: np.ndarray, temperatures
 
 def binding(q: np.ndarray, k: np.ndarray, needles: Sequence[np.ndarray], asked: int,
             strength: np.ndarray | None = None, favor: Sequence[int] = (),
-            favor_seed: int = 0) -> dict[str, np.ndarray]:
+            favor_seed: int = 0, weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per layer and query head [NL, H]: the asked needle's selectivity over the mean of the other
     needles' (1 = the question's name does not steer the read), for the memory read, softmax and
-    `favor` random-feature reads."""
-    weights = read_weights(q, k, (), strength, favor, favor_seed)
+    `favor` random-feature reads (or every read of `weights`, computed once)."""
+    weights = read_weights(q, k, (), strength, favor, favor_seed) if weights is None else weights
     sel = [needle_shares(q, k, m, weights=weights) for m in needles]
     others = [j for j in range(len(needles)) if j != asked]
     return {f"binding_{name}": sel[asked][f"selectivity_{name}"] /
@@ -208,11 +208,12 @@ def probe(model, tokenizer, samples: Sequence[dict[str, Any]], temperatures: Seq
             texts, asked = [f"The pass key is {s['target']}. Remember it. {s['target']} is the pass key."], 0
         masks = [needle_token_mask(tokenizer, ctx, t)[written] for t in texts]
         needle = masks[asked]
-        stats = needle_shares(q, k, needle, temperatures, strength)
+        weights = read_weights(q, k, temperatures, strength, favor if len(masks) > 1 else (), favor_seed)
+        stats = needle_shares(q, k, needle, weights=weights)
         stats.update(strength_needle=strength[:, needle].mean(1), strength_rest=strength[:, ~needle].mean(1))
         if len(masks) > 1:
             other = np.any([m for j, m in enumerate(masks) if j != asked], axis=0)
-            logs = {name: np.log(v) for name, v in binding(q, k, masks, asked, strength, favor, favor_seed).items()}
+            logs = {name: np.log(v) for name, v in binding(q, k, masks, asked, weights=weights).items()}
             stats.update(logs, strength_other_needles=strength[:, other].mean(1))
         for name, v in stats.items():
             acc.setdefault(name, []).append(v)
