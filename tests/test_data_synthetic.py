@@ -44,7 +44,7 @@ def test_passkey_depth_is_controlled():
             s = passkey_sample(i, seed=1, tokenizer=TOK, context_tokens=6000, depth=depth)
             ctx = s["context"]
             needle = f"The pass key is {s['target']}. Remember it."
-            assert ctx.count(needle) == 1
+            assert ctx.count(needle) == 1 and ctx.count(s["needles"][0]) == 1 and needle in s["needles"][0]
             assert abs(s["depth"] - depth) < 0.05
             # position of the needle in the text agrees with the reported depth
             preamble_end = len(PASSKEY_PREAMBLE)  # the context starts with it
@@ -74,6 +74,7 @@ def test_multikey_needles_and_question():
         assert re.fullmatch(r"[1-9]\d{6}", v)
     assert s["key"] in s["instruction"] and s["target"] in s["answer"]
     assert s["values"][s["keys"].index(s["key"])] == s["target"]
+    assert [s["context"].count(t) for t in s["needles"]] == [1] * 5  # the sentences as written, for probes
     assert abs(s["depth"] - 0.3) < 0.05
 
 

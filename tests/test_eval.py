@@ -140,6 +140,17 @@ def test_interrupted_run_resumes_with_only_the_missing_examples(tiny_model_dir, 
         main([*args[:-2], "--samples", "4", "--out", str(out), "--resume"])
     assert e.value.code == 2 and "--samples" in capsys.readouterr().err
 
+    # a folder written before --question-position existed ran at its default: resumable, but not as "both"
+    stored = json.loads((out / "args.json").read_text())
+    del stored["question_position"]
+    (out / "args.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--question-position", "both", "--resume"])
+    assert e.value.code == 2 and "--question-position" in capsys.readouterr().err
+    calls.clear()
+    main(args + ["--resume"])
+    assert calls == []
+
 
 def test_question_both_puts_the_question_before_the_document_too():
     """`--question-position both` (S-SFT's question-both): the same sample, the question also at
@@ -260,3 +271,24 @@ def test_memory_probe_cli_reports_binding_for_multikey(tiny_model_dir, capsys):
           "--sink", "16", "--window", "112", "--samples", "2", "--temperatures", "", "--favor", "64"])
     out = capsys.readouterr().out
     assert "binding per layer" in out and "best head binding: memory read" in out and "64 random features" in out
+
+
+def test_key_fit_cli_collects_resumably_and_fits(tiny_model_dir, tmp_path, capsys):
+    """`python -m eijax.eval.key_fit collect` writes one file per sample (a second run adds only the
+    missing ones), every needle's value is found in the memory's tokens, and `fit` prints its table."""
+    from eijax.eval.key_fit import load_traces, main
+
+    args = ["collect", "--model", str(tiny_model_dir), "--length", "600", "--sink", "16", "--window", "112",
+            "--filler-keep", "32", "--out", str(tmp_path)]
+    main(args + ["--samples", "2"])
+    first = (tmp_path / "sample_0000.npz").stat().st_mtime_ns
+    main(args + ["--samples", "3"])
+    assert (tmp_path / "sample_0000.npz").stat().st_mtime_ns == first
+    traces = load_traces(tmp_path)
+    assert len(traces) == 3
+    for tr in traces:
+        assert (tr["value_tokens"] > 0).all() and tr["values"].shape == (4, tr["weight"].size)
+        assert tr["weight"].sum() == pytest.approx(tr["written"])      # kept filler weighted back to its count
+    main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "hidden,head0"])
+    out = capsys.readouterr().out
+    assert "| 0 |" in out and "fit: hidden" in out and "fit: head0" in out

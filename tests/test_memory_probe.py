@@ -21,7 +21,7 @@ def test_probe_keys_are_what_the_memory_holds():
     randomise_memory_path(model)
     ctx = [int(t) for t in random_tokens((3 + 2 * 8 + 5,), seed=1)]
     query = [5, 6, 7]
-    q, k, strength, written = layer_qk(model, ctx, query)
+    q, k, strength, written, *_ = layer_qk(model, ctx, query)
     assert q.shape == (model.config.n_layers, model.config.n_heads, model.config.head_dim)
     assert k.shape[1] == written.sum() == len(ctx) - 3
     state = model.init_state(1)

@@ -225,7 +225,7 @@ def passkey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int
     hay, actual = _insert_at_depths(sents, counts, [needle], [d])
     return {"task": "passkey", "context": f"{PASSKEY_PREAMBLE} {hay}",
             "instruction": PASSKEY_QUESTION, "answer": f"The pass key is {key}.",
-            "target": key, "depth": actual[0], "seed": seed, "index": index}
+            "target": key, "needles": [needle], "depth": actual[0], "seed": seed, "index": index}
 
 
 def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: int,
@@ -252,7 +252,7 @@ def multikey_sample(index: int, *, seed: int, tokenizer: Any, context_tokens: in
                            f"provided text?",
             "answer": f"The special magic number for {key} mentioned in the provided text "
                       f"is {value}.",
-            "target": value, "key": key, "keys": keys, "values": values,
+            "target": value, "key": key, "keys": keys, "values": values, "needles": needles,
             "depth": actual[asked], "depths": actual, "seed": seed, "index": index}
 
 

@@ -78,7 +78,9 @@ def _rows_to_resume(out: Path, a: argparse.Namespace) -> list[dict]:
     except (OSError, ValueError):
         raise cli.InputError(f"--resume: {out} has rows but no readable args.json; use another --out") from None
     now = json.loads(json.dumps(_run_args(a)))  # as stored: tuples become lists
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    # an option added since `out` was written ran at its default there
+    defaults = json.loads(json.dumps(_run_args(parse_args([]))))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k, defaults.get(k)) != now.get(k))
     if changed:
         raise cli.InputError(f"--resume: {out} was written with other arguments "
                              f"({', '.join('--' + k.replace('_', '-') for k in changed)}); use another --out")

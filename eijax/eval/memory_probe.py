@@ -31,7 +31,7 @@ write strength β on the asked needle's tokens and on the other needles'.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,55 +62,86 @@ def needle_token_mask(tokenizer, ids: Sequence[int], needle: str) -> np.ndarray:
     return np.array([a < end and b > start for a, b in _char_spans(tokenizer, ids)])
 
 
-def layer_qk(model, ctx: Sequence[int], query: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Run ctx (sink + segments, memory on) then the query in a fresh window, layer by layer.
+class Trace(NamedTuple):
+    """What the memory holds after a context, and what reads it (numpy, pre-RoPE, memory-adapter maps applied).
 
-    Returns (q [NL, H, d] of the query's last token, k [NL, T, Hkv, d] of the memory's tokens,
-    strength [NL, T, Hkv]: each token's write strength β (1 without a write gate), written [T] bool:
-    which ctx positions went to memory), pre-RoPE, memory-adapter maps applied."""
+    q [NL, H, d]: the query's last token; k [NL, T, Hkv, d]: the memory's tokens; strength [NL, T, Hkv]:
+    each token's write strength β (1 without a write gate); written [len(ctx)] bool: which ctx
+    positions went to memory; hidden_q [NL, Tq, D] (every query token) and hidden_k [NL, T, D]: each
+    layer's attention input (after its norm), only with `hidden=True` (else None)."""
+    q: np.ndarray
+    k: np.ndarray
+    strength: np.ndarray
+    written: np.ndarray
+    hidden_q: np.ndarray | None = None
+    hidden_k: np.ndarray | None = None
+
+
+def layer_qk(model, ctx: Sequence[int], query: Sequence[int], hidden: bool = False) -> Trace:
+    """Run ctx (sink + segments, memory on) then the query in a fresh window, layer by layer."""
+    return layer_traces(model, ctx, [query], hidden)[0]
+
+
+def layer_traces(model, ctx: Sequence[int], queries: Sequence[Sequence[int]], hidden: bool = False) -> list[Trace]:
+    """`layer_qk` for several queries, each in a fresh window after the same streamed ctx (run once)."""
     mem = model.memory_config
     s, w = mem.sink, mem.window
     graph, params = nnx.split(model.blocks)
     n_layers = model.config.n_layers
     cos, sin = model._rope()
-    blocks = [nnx.merge(graph, jax.tree.map(lambda a, i=i: a[i], params)) for i in range(n_layers)]
+    layer_params = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(n_layers)]
+
+    @jax.jit  # one block, compiled once per input length and shared by every layer (same graph)
+    def block(p, i, x, state, valid):  # layer i's slices taken inside: eager slicing dispatch is slow
+        blk = nnx.merge(graph, p)
+        h = blk.attn_norm(x)
+        q, _, _ = blk.project_qkv(h)
+        x, k, v = blk(x, state.k[i], state.v[i], valid, state.fill, Memory(state.memory.M[i], state.memory.z[i]),
+                      state.written, cos, sin)
+        return x, k, v, q[0, -1], h[0]
 
     def run(state, ids):
         x = model.embed_tokens(jnp.asarray([ids]))
         t = len(ids)
         valid = jax.lax.dynamic_update_slice(state.valid, jnp.ones((1, t), bool), (0, int(state.fill)))
-        ks, vs, qs = [], [], []
-        for i, blk in enumerate(blocks):
-            q, _, _ = blk.project_qkv(blk.attn_norm(x))
-            qs.append(q[0, -1])
-            x, k_i, v_i = blk(x, state.k[i], state.v[i], valid, state.fill,
-                              Memory(state.memory.M[i], state.memory.z[i]), state.written, cos, sin)
+        ks, vs, qs, hs = [], [], [], []
+        for i in range(n_layers):
+            x, k_i, v_i, q, h = block(layer_params[i], i, x, state, valid)
+            qs.append(q)
+            hs.append(h)
             ks.append(k_i)
             vs.append(v_i)
-        return jnp.stack(qs), state._replace(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, fill=state.fill + t)
+        return (jnp.stack(qs), np.asarray(jnp.stack(hs)) if hidden else None,
+                state._replace(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, fill=state.fill + t))
 
     state = model.init_state(1)
-    keys, values, written = [], [], np.zeros(len(ctx), bool)
+    keys, values, hiddens, written = [], [], [], np.zeros(len(ctx), bool)
     if s:
-        _, state = run(state, list(ctx[:s]))
+        _, _, state = run(state, list(ctx[:s]))
     for at in range(s, len(ctx), w):
         seg = list(ctx[at:at + w])
-        _, state = run(state._replace(fill=jnp.asarray(s, jnp.int32)), seg)
+        _, h, state = run(state._replace(fill=jnp.asarray(s, jnp.int32)), seg)
         keys.append(state.k[:, 0, s:s + len(seg)])
         values.append(state.v[:, 0, s:s + len(seg)])
+        hiddens.append(h)
         written[at:at + len(seg)] = True
         state = model.compress(state)
-    q, _ = run(state._replace(fill=jnp.asarray(s, jnp.int32)), list(query))
     k, v = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)
     adapter = model.blocks.memory_adapter
     if adapter is not None:
-        q = jax.vmap(lambda qi, m: adapt(qi[None, None], m)[0, 0])(q, adapter.q[...])
         k, v = (jax.vmap(lambda xi, m: adapt(xi[None], m)[0])(x, maps) for x, maps in ((k, adapter.k[...]),
                                                                                        (v, adapter.v[...])))
     gate = model.blocks.write_gate
     strength = (jnp.ones(k.shape[:-1]) if gate is None else
                 jax.vmap(lambda ki, vi, w, b: write_strength(w, b, ki[None], vi[None])[0])(k, v, gate.w[...], gate.b[...]))
-    return np.asarray(q), np.asarray(k), np.asarray(strength), written
+    k, strength, hidden_k = np.asarray(k), np.asarray(strength), np.concatenate(hiddens, axis=1) if hidden else None
+    out = []
+    for query in queries:
+        q, h_query, _ = run(state._replace(fill=jnp.asarray(s, jnp.int32)), list(query))
+        if adapter is not None:
+            q = jax.vmap(lambda qi, m: adapt(qi[None, None], m)[0, 0])(q, adapter.q[...])
+        out.append(Trace(np.asarray(q), k, strength, written, h_query, hidden_k))
+    return out
 
 
 def favor_weights(q: np.ndarray, kk: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
@@ -200,13 +231,9 @@ def probe(model, tokenizer, samples: Sequence[dict[str, Any]], temperatures: Seq
     acc: dict[str, list[np.ndarray]] = {}
     for s in samples:
         ctx, query = prompt_parts(tokenizer, s["instruction"], s["context"], question_position)
-        q, k, strength, written = layer_qk(model, ctx, query)
-        if s["task"] == "multikey":
-            texts = [f"The special magic number for {n} is {v}." for n, v in zip(s["keys"], s["values"])]
-            asked = s["keys"].index(s["key"])
-        else:
-            texts, asked = [f"The pass key is {s['target']}. Remember it. {s['target']} is the pass key."], 0
-        masks = [needle_token_mask(tokenizer, ctx, t)[written] for t in texts]
+        q, k, strength, written, *_ = layer_qk(model, ctx, query)
+        asked = s["keys"].index(s["key"]) if s["task"] == "multikey" else 0
+        masks = [needle_token_mask(tokenizer, ctx, t)[written] for t in s["needles"]]
         needle = masks[asked]
         weights = read_weights(q, k, temperatures, strength, favor if len(masks) > 1 else (), favor_seed)
         stats = needle_shares(q, k, needle, weights=weights)
