@@ -289,6 +289,6 @@ def test_key_fit_cli_collects_resumably_and_fits(tiny_model_dir, tmp_path, capsy
     for tr in traces:
         assert (tr["value_tokens"] > 0).all() and tr["values"].shape == (4, tr["weight"].size)
         assert tr["weight"].sum() == pytest.approx(tr["written"])      # kept filler weighted back to its count
-    main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "hidden,head0"])
+    main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "hidden,context,head0"])
     out = capsys.readouterr().out
-    assert "| 0 |" in out and "fit: hidden" in out and "fit: head0" in out
+    assert "| 0 |" in out and "fit: hidden" in out and "fit: context" in out and "fit: head0" in out

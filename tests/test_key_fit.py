@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eijax.eval.key_fit import fit, scores
+from eijax.eval.key_fit import causal_mean, fit, scores
 
 
 def _planted_traces(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -46,3 +46,11 @@ def test_scores_pick_binding_and_share():
     assert got["pick"] == 0.5                        # the first sample's asked value wins, the second's does not
     np.testing.assert_allclose(got["binding"], np.sqrt(5.0 * (0.02 / 0.02)))
     np.testing.assert_allclose(got["share"], 0.06)
+
+
+def test_causal_mean_averages_each_positions_last_n():
+    x = np.random.default_rng(0).standard_normal((2, 9, 3))
+    got = causal_mean(x, 4)
+    for t in range(9):
+        np.testing.assert_allclose(got[:, t], x[:, max(0, t - 3):t + 1].mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(causal_mean(x, 20)[:, -1], x.mean(1), rtol=1e-5, atol=1e-6)  # n past the start

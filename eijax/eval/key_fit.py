@@ -10,24 +10,28 @@ before the model is changed:
    ask each document for each of its four names in turn (the question and the answer's prefix as the
    query, each in a fresh window after the same memory), and keep per layer: the attention input
    (after the norm) at the query's last token and at the memory's tokens (every needle token and a
-   sample of the filler, weighted back to the filler's full count), and each KV head's adapted key at
-   those tokens. It also records, per layer and query head, how the model's own memory read and a
+   sample of the filler, weighted back to the filler's full count), the mean of the last 16 tokens'
+   attention inputs at each of those tokens, and each KV head's adapted key at those tokens. It also records, per layer and query head, how the model's own memory read and a
    softmax over the same q and k split their weight between the four needles' values. One file per
    document, so an interrupted collection resumes where it stopped.
 2. `fit`: per layer, learn a query map and a key map (rank r, the memory's kernel σ(Wq x_q)·σ(Wk x_k),
    σ = elu + 1, so the result is a read a d x d memory could hold) on the training samples, maximising
    the share of the read's weight on the asked value's tokens, and score held-out documents. The key's
-   input is either the layer's hidden state (576-d for SmolLM2), every KV head's key (Hkv x d), or one
-   KV head's key (what the memory adapter can express); the query's input is always the hidden state.
+   input is the layer's hidden state (576-d for SmolLM2), or its mean over the token's last 16
+   (the value's own name among them), or every KV head's key (Hkv x d), or one KV head's key (what the
+   memory adapter can express); the query's input is always the hidden state.
 
 Scores, per layer, on held-out documents (each asked for all four names): pick = how often the asked
-value gets more of the read's
-weight than each of the other three (chance 0.25), binding = the asked value's selectivity over the
+value gets more of the read's weight than each of the other three (chance 0.25), binding = the asked value's selectivity over the
 others' mean (geometric mean over samples; 1 = the name does not steer), share = the weight on the
 asked value's tokens.
 
-    python -m eijax.eval.key_fit collect --checkpoint smollm2-memory --length 2000 --samples 160 --out DIR
-    python -m eijax.eval.key_fit fit DIR --train 128
+`--kernel softmax` fits exp(q·k/√r) instead, which no fixed-size memory holds but which tells whether
+the inputs carry the binding at all; `--tied` starts both maps equal (q·k starts as the inputs' own
+similarity). docs/memory-training.md has what this measured on SmolLM2.
+
+    python -m eijax.eval.key_fit collect --checkpoint smollm2-memory --length 2000 --samples 120 --out DIR
+    python -m eijax.eval.key_fit fit DIR --train 95 --layers 6,10,14,18,22,26 --tied --kernel softmax
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from eijax import cli
 from eijax.eval.memory_probe import layer_traces, needle_token_mask, read_weights
 from eijax.memory import sigma
 
+CONTEXT = 16  # tokens averaged by the "context" key input (a value's own name sits 6-14 tokens back)
 ANSWER_PREFIX = "The special magic number for {key} mentioned in the provided text is"
 
 
@@ -75,13 +80,20 @@ def sample_trace(model, tokenizer, sample: dict[str, Any], filler_keep: int, see
         for name, w in read_weights(tr.q, tr.k, strength=tr.strength).items():
             mass.setdefault(name, []).append(np.stack([w[..., m].sum(-1) for m in values], -1) / w.sum(-1, keepdims=True))
     tr = traces[0]
-    return {"hidden_q": np.stack([np.stack([t.hidden_q[:, n - 1], t.hidden_q[:, -1]], 1)
+    return {"hidden_ctx": causal_mean(tr.hidden_k, CONTEXT)[:, keep].astype(np.float16),"hidden_q": np.stack([np.stack([t.hidden_q[:, n - 1], t.hidden_q[:, -1]], 1)
                                   for t, n in zip(traces, n_question)]).astype(np.float32),  # [4, NL, 2, D]
             "hidden_k": tr.hidden_k[:, keep].astype(np.float16),           # [NL, T', D]
             "keys": tr.k[:, keep].astype(np.float16),                      # [NL, T', Hkv, d], adapted
             "values": values[:, keep], "weight": weight.astype(np.float32),
             "value_tokens": values.sum(1), "written": np.int64(written.sum()),
             "mass_mem": np.stack(mass["mem"]), "mass_soft": np.stack(mass["soft"])}  # [4 queries, NL, H, 4]
+
+
+def causal_mean(x: np.ndarray, n: int) -> np.ndarray:
+    """x [L, T, D] -> the mean of x over each position's last n positions (itself included) along T."""
+    csum = np.cumsum(x.astype(np.float32), axis=1)
+    lagged = np.concatenate([np.zeros_like(csum[:, :n]), csum[:, :-n]], axis=1)[:, :csum.shape[1]]
+    return (csum - lagged) / np.minimum(np.arange(1, csum.shape[1] + 1), n)[None, :, None]
 
 
 def load_traces(folder: Path, n: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -123,8 +135,8 @@ def _inputs(traces: Sequence[dict[str, np.ndarray]], layer: int, source: str, qu
         return np.pad(a, [(0, t - a.shape[axis]) if i == axis else (0, 0) for i in range(a.ndim)])
 
     def key_input(tr):
-        if source == "hidden":
-            return tr["hidden_k"][layer]
+        if source in ("hidden", "context"):
+            return tr[{"hidden": "hidden_k", "context": "hidden_ctx"}[source]][layer]
         keys = tr["keys"][layer]
         return keys.reshape(keys.shape[0], -1) if source == "heads" else keys[:, int(source.removeprefix("head"))]
 
@@ -135,26 +147,35 @@ def _inputs(traces: Sequence[dict[str, np.ndarray]], layer: int, source: str, qu
     return jnp.asarray(xq), jnp.asarray(xk), jnp.asarray(values), jnp.asarray(weight)
 
 
-def _value_mass(params, xq, xk, values, weight) -> jax.Array:
-    """The read's weight share on each needle's value [N, J (query), J (needle)] under the learned maps."""
-    fq = sigma(xq @ params["wq"] + params["bq"])                  # [N, J, r]
-    fk = sigma(xk @ params["wk"] + params["bk"])                  # [N, T, r]
-    w = jnp.einsum("njr,ntr->njt", fq, fk) * weight[:, None]
+def _value_mass(params, xq, xk, values, weight, kernel: str = "memory") -> jax.Array:
+    """The read's weight share on each needle's value [N, J (query), J (needle)] under the learned maps:
+    the memory's kernel σ(q)·σ(k), or ("softmax") exp(q·k/√r), which no fixed-size memory holds but
+    which tells whether the inputs carry the binding at all."""
+    q, k = xq @ params["wq"] + params["bq"], xk @ params["wk"] + params["bk"]     # [N, J, r], [N, T, r]
+    if kernel == "softmax":
+        logits = jnp.einsum("njr,ntr->njt", q, k) / jnp.sqrt(q.shape[-1]) + jnp.log(weight)[:, None]
+        w = jax.nn.softmax(logits, axis=-1)
+    else:
+        w = jnp.einsum("njr,ntr->njt", sigma(q), sigma(k)) * weight[:, None]
     return jnp.einsum("njt,nkt->njk", w, values.astype(w.dtype)) / w.sum(-1, keepdims=True)
 
 
-def fit_layer(train: tuple[jax.Array, ...], rank: int, steps: int, lr: float, seed: int) -> dict[str, jax.Array]:
+def fit_layer(train: tuple[jax.Array, ...], rank: int, steps: int, lr: float, seed: int,
+              kernel: str = "memory", tied: bool = False) -> dict[str, jax.Array]:
     """Query and key maps maximising the mean log share of the asked value in the training samples."""
     xq, xk = train[0], train[1]
+    # tied: one random projection for both sides (inputs of one width), so q·k starts as the inputs'
+    # own similarity (content matching) instead of noise
+    tied = tied and xq.shape[-1] == xk.shape[-1]
     kq, kk = jax.random.split(jax.random.key(seed))
     params = {"wq": jax.random.normal(kq, (xq.shape[-1], rank)) / jnp.sqrt(xq.shape[-1]) / jnp.std(xq),
               "bq": jnp.zeros(rank),
-              "wk": jax.random.normal(kk, (xk.shape[-1], rank)) / jnp.sqrt(xk.shape[-1]) / jnp.std(xk),
+              "wk": jax.random.normal(kq if tied else kk, (xk.shape[-1], rank)) / jnp.sqrt(xk.shape[-1]) / jnp.std(xk),
               "bk": jnp.zeros(rank)}
     opt = optax.adamw(lr, weight_decay=1e-4)
 
     def loss(p):
-        return -jnp.log(jnp.diagonal(_value_mass(p, *train), axis1=1, axis2=2) + 1e-12).mean()
+        return -jnp.log(jnp.diagonal(_value_mass(p, *train, kernel), axis1=1, axis2=2) + 1e-12).mean()
 
     @jax.jit
     def step(p, s):
@@ -170,7 +191,7 @@ def fit_layer(train: tuple[jax.Array, ...], rank: int, steps: int, lr: float, se
 
 def fit(traces: Sequence[dict[str, np.ndarray]], n_train: int, sources: Sequence[str], rank: int = 64,
         steps: int = 300, lr: float = 3e-3, query: int = 1, seed: int = 0,
-        layers: Sequence[int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        layers: Sequence[int] | None = None, kernel: str = "memory", tied: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per source, per layer: held-out and training `scores` of the fitted read ([NL] each, named
     "<score>" and "train_<score>")."""
     train, test = traces[:n_train], traces[n_train:]
@@ -182,9 +203,9 @@ def fit(traces: Sequence[dict[str, np.ndarray]], n_train: int, sources: Sequence
         acc: dict[str, list] = {}
         for layer in tqdm(list(layers), desc=f"fit {source}", unit="layer"):
             tr_in, te_in = _inputs(train, layer, source, query), _inputs(test, layer, source, query)
-            params = fit_layer(tr_in, rank, steps, lr, seed)
+            params = fit_layer(tr_in, rank, steps, lr, seed, kernel, tied)
             for prefix, part, inp in (("", test, te_in), ("train_", train, tr_in)):
-                got = document_scores(np.asarray(_value_mass(params, *inp)), part)
+                got = document_scores(np.asarray(_value_mass(params, *inp, kernel)), part)
                 for name, v in got.items():
                     acc.setdefault(prefix + name, []).append(v)
         out[source] = {name: np.asarray(v) for name, v in acc.items()}
@@ -211,14 +232,17 @@ def collect(model, tokenizer, folder: Path, n: int, length: int, seed: int, fill
 def report(traces: Sequence[dict[str, np.ndarray]], n_train: int, fitted: dict[str, dict[str, np.ndarray]],
            layers: Sequence[int]) -> str:
     """The table: per layer, the model's own reads (best head, held-out samples) and each fitted read."""
+    from eijax.eval.report import wilson_interval
+
     test = traces[n_train:]
+    n_reads = len(test) * test[0]["values"].shape[0]  # reads scored: every held-out document, every name
     own = {name: document_scores(np.stack([t[f"mass_{name}"] for t in test]), test) for name in ("mem", "soft")}
     cols = ["memory read", "softmax"] + [f"fit: {s}" for s in fitted]
     lines = [f"held-out documents: {len(test)}, each asked for its {test[0]['values'].shape[0]} names (trained on "
-             f"{n_train}); pick = the asked value outweighs each other needle's (chance 1/{test[0]['values'].shape[0]}); "
-             f"binding: 1 = the name does not steer; the model's own reads (at the answer prefix): the best query "
-             f"head of the layer, by pick; share: the read's weight on the asked value (its tokens are "
-             f"~{np.mean([t['value_tokens'].mean() / t['written'] for t in test]):.4f} of the memory's)",
+             f"{n_train}); pick = the asked value outweighs each other needle's (chance 1/{test[0]['values'].shape[0]}) "
+             f"[95% Wilson interval over the {n_reads} reads]; binding: 1 = the name does not steer; the model's own "
+             f"reads (at the answer prefix): the best query head of the layer, by pick; share: the read's weight on "
+             f"the asked value (its tokens are ~{np.mean([t['value_tokens'].mean() / t['written'] for t in test]):.4f} of the memory's)",
              "| layer | " + " | ".join(f"{c} pick / binding" + (" / share" if c.startswith("fit") else "")
                                         for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -228,7 +252,9 @@ def report(traces: Sequence[dict[str, np.ndarray]], n_train: int, fitted: dict[s
             h = int(np.argmax(own[name]["pick"][layer]))
             cells.append(f"{own[name]['pick'][layer, h]:.2f} / {own[name]['binding'][layer, h]:.2f}")
         for f in fitted.values():
-            cells.append(f"{f['pick'][i]:.2f} / {f['binding'][i]:.2f} / {f['share'][i]:.3f} (train pick {f['train_pick'][i]:.2f})")
+            lo, hi = wilson_interval(f["pick"][i] * n_reads, n_reads)
+            cells.append(f"{f['pick'][i]:.2f} [{lo:.2f}, {hi:.2f}] / {f['binding'][i]:.2f} / {f['share'][i]:.3f} "
+                         f"(train pick {f['train_pick'][i]:.2f})")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -250,12 +276,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     f = sub.add_parser("fit", help="learn query and key maps per layer and score held-out samples")
     f.add_argument("folder")
     f.add_argument("--train", type=int, default=128, help="the first N documents train, the rest are held out")
-    f.add_argument("--sources", default="hidden,heads,head0,head1,head2",
-                   help="key inputs: hidden (the layer's attention input), heads (every KV head's key), headG")
+    f.add_argument("--sources", default="hidden,context,heads,head0,head1,head2",
+                   help="key inputs: hidden (the layer's attention input), context (its mean over the last "
+                        "16 tokens), heads (every KV head's key), headG (KV head G's)")
     f.add_argument("--query", default="answer", choices=("answer", "question"),
                    help="query token: the answer prefix's last ('... text is') or the question's last")
     f.add_argument("--layers", default="", help="comma list (default: all)")
     f.add_argument("--rank", type=int, default=64, help="features of the fitted read (the memory's d)")
+    f.add_argument("--kernel", default="memory", choices=("memory", "softmax"),
+                   help="the fitted read: the memory's σ(q)·σ(k), or softmax (is the binding in the inputs at all?)")
+    f.add_argument("--tied", action="store_true",
+                   help="start the query and key maps equal (where both inputs are hidden states): q·k starts "
+                        "as their own similarity")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--lr", type=float, default=3e-3)
     a = p.parse_args(argv)
@@ -275,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(not 0 <= x < n_layers for x in layers):
         raise cli.InputError(f"--layers must lie in 0..{n_layers - 1}")
     fitted = fit(traces, a.train, a.sources.split(","), a.rank, a.steps, a.lr,
-                 query=1 if a.query == "answer" else 0, layers=layers)
+                 query=1 if a.query == "answer" else 0, layers=layers, kernel=a.kernel, tied=a.tied)
     print(report(traces, a.train, fitted, layers))
 
 
