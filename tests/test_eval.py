@@ -292,3 +292,6 @@ def test_key_fit_cli_collects_resumably_and_fits(tiny_model_dir, tmp_path, capsy
     main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "hidden,context,head0"])
     out = capsys.readouterr().out
     assert "| 0 |" in out and "fit: hidden" in out and "fit: context" in out and "fit: head0" in out
+    main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "context", "--tied",
+          "--kernel", "softmax_then_memory"])
+    assert "fit: context" in capsys.readouterr().out

@@ -27,7 +27,9 @@ others' mean (geometric mean over samples; 1 = the name does not steer), share =
 asked value's tokens.
 
 `--kernel softmax` fits exp(q·k/√r) instead, which no fixed-size memory holds but which tells whether
-the inputs carry the binding at all; `--tied` starts both maps equal (q·k starts as the inputs' own
+the inputs carry the binding at all, and `--kernel softmax_then_memory` fits the memory's kernel
+starting from the softmax fit's maps (from a random start it settles on "digits, not filler");
+`--tied` starts both maps equal (q·k starts as the inputs' own
 similarity). docs/memory-training.md has what this measured on SmolLM2.
 
     python -m eijax.eval.key_fit collect --checkpoint smollm2-memory --length 2000 --samples 120 --out DIR
@@ -161,8 +163,9 @@ def _value_mass(params, xq, xk, values, weight, kernel: str = "memory") -> jax.A
 
 
 def fit_layer(train: tuple[jax.Array, ...], rank: int, steps: int, lr: float, seed: int,
-              kernel: str = "memory", tied: bool = False) -> dict[str, jax.Array]:
-    """Query and key maps maximising the mean log share of the asked value in the training samples."""
+              kernel: str = "memory", tied: bool = False, init: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """Query and key maps maximising the mean log share of the asked value in the training samples
+    (starting from `init` when given)."""
     xq, xk = train[0], train[1]
     # tied: one random projection for both sides (inputs of one width), so q·k starts as the inputs'
     # own similarity (content matching) instead of noise
@@ -171,7 +174,7 @@ def fit_layer(train: tuple[jax.Array, ...], rank: int, steps: int, lr: float, se
     params = {"wq": jax.random.normal(kq, (xq.shape[-1], rank)) / jnp.sqrt(xq.shape[-1]) / jnp.std(xq),
               "bq": jnp.zeros(rank),
               "wk": jax.random.normal(kq if tied else kk, (xk.shape[-1], rank)) / jnp.sqrt(xk.shape[-1]) / jnp.std(xk),
-              "bk": jnp.zeros(rank)}
+              "bk": jnp.zeros(rank)} if init is None else init
     opt = optax.adamw(lr, weight_decay=1e-4)
 
     def loss(p):
@@ -203,9 +206,14 @@ def fit(traces: Sequence[dict[str, np.ndarray]], n_train: int, sources: Sequence
         acc: dict[str, list] = {}
         for layer in tqdm(list(layers), desc=f"fit {source}", unit="layer"):
             tr_in, te_in = _inputs(train, layer, source, query), _inputs(test, layer, source, query)
-            params = fit_layer(tr_in, rank, steps, lr, seed, kernel, tied)
+            if kernel == "softmax_then_memory":  # the memory's kernel, started where the softmax fit ended
+                params = fit_layer(tr_in, rank, steps, lr, seed, "softmax", tied)
+                params = fit_layer(tr_in, rank, steps, lr, seed, "memory", init=params)
+            else:
+                params = fit_layer(tr_in, rank, steps, lr, seed, kernel, tied)
+            read = "memory" if kernel == "softmax_then_memory" else kernel
             for prefix, part, inp in (("", test, te_in), ("train_", train, tr_in)):
-                got = document_scores(np.asarray(_value_mass(params, *inp, kernel)), part)
+                got = document_scores(np.asarray(_value_mass(params, *inp, read)), part)
                 for name, v in got.items():
                     acc.setdefault(prefix + name, []).append(v)
         out[source] = {name: np.asarray(v) for name, v in acc.items()}
@@ -283,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="query token: the answer prefix's last ('... text is') or the question's last")
     f.add_argument("--layers", default="", help="comma list (default: all)")
     f.add_argument("--rank", type=int, default=64, help="features of the fitted read (the memory's d)")
-    f.add_argument("--kernel", default="memory", choices=("memory", "softmax"),
-                   help="the fitted read: the memory's σ(q)·σ(k), or softmax (is the binding in the inputs at all?)")
+    f.add_argument("--kernel", default="memory", choices=("memory", "softmax", "softmax_then_memory"),
+                   help="the fitted read: the memory's σ(q)·σ(k), softmax (is the binding in the inputs at all?), "
+                        "or the memory's started from the softmax fit's maps")
     f.add_argument("--tied", action="store_true",
                    help="start the query and key maps equal (where both inputs are hidden states): q·k starts "
                         "as their own similarity")
