@@ -82,9 +82,11 @@ def sample_trace(model, tokenizer, sample: dict[str, Any], filler_keep: int, see
         for name, w in read_weights(tr.q, tr.k, strength=tr.strength).items():
             mass.setdefault(name, []).append(np.stack([w[..., m].sum(-1) for m in values], -1) / w.sum(-1, keepdims=True))
     tr = traces[0]
-    return {"hidden_ctx": causal_mean(tr.hidden_k, CONTEXT)[:, keep].astype(np.float16),"hidden_q": np.stack([np.stack([t.hidden_q[:, n - 1], t.hidden_q[:, -1]], 1)
+    return {"hidden_q": np.stack([np.stack([t.hidden_q[:, n - 1], t.hidden_q[:, -1]], 1)
                                   for t, n in zip(traces, n_question)]).astype(np.float32),  # [4, NL, 2, D]
             "hidden_k": tr.hidden_k[:, keep].astype(np.float16),           # [NL, T', D]
+            # over the stream of written tokens, across window folds (the tokens before a value)
+            "hidden_ctx": causal_mean(tr.hidden_k, CONTEXT)[:, keep].astype(np.float16),
             "keys": tr.k[:, keep].astype(np.float16),                      # [NL, T', Hkv, d], adapted
             "values": values[:, keep], "weight": weight.astype(np.float32),
             "value_tokens": values.sum(1), "written": np.int64(written.sum()),
@@ -103,8 +105,8 @@ def load_traces(folder: Path, n: int | None = None) -> list[dict[str, np.ndarray
     if not files:
         raise cli.MissingInput(f"no sample_*.npz in {folder} (run `collect` first)")
     traces = [dict(np.load(f)) for f in files]
-    if traces[0]["hidden_q"].ndim != 4:
-        raise cli.InputError(f"{folder} was collected by an older key_fit (one query per document): collect it again")
+    if traces[0]["hidden_q"].ndim != 4 or "hidden_ctx" not in traces[0]:
+        raise cli.InputError(f"{folder} was collected by an older key_fit: collect it again")
     return traces
 
 
