@@ -31,6 +31,7 @@ write strength β on the asked needle's tokens and on the other needles'.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -62,6 +63,18 @@ def needle_token_mask(tokenizer, ids: Sequence[int], needle: str) -> np.ndarray:
     return np.array([a < end and b > start for a, b in _char_spans(tokenizer, ids)])
 
 
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per graph and input length, for every layer and call
+def _block(graph, p, i, x, state, valid, cos, sin):
+    """One layer (i's slices taken inside: eager slicing dispatch is slow): its output, new k/v, the
+    last token's pre-RoPE q and the attention input."""
+    blk = nnx.merge(graph, p)
+    h = blk.attn_norm(x)
+    q, _, _ = blk.project_qkv(h)
+    x, k, v = blk(x, state.k[i], state.v[i], valid, state.fill, Memory(state.memory.M[i], state.memory.z[i]),
+                  state.written, cos, sin)
+    return x, k, v, q[0, -1], h[0]
+
+
 class Trace(NamedTuple):
     """What the memory holds after a context, and what reads it (numpy, pre-RoPE, memory-adapter maps applied).
 
@@ -91,22 +104,13 @@ def layer_traces(model, ctx: Sequence[int], queries: Sequence[Sequence[int]], hi
     cos, sin = model._rope()
     layer_params = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(n_layers)]
 
-    @jax.jit  # one block, compiled once per input length and shared by every layer (same graph)
-    def block(p, i, x, state, valid):  # layer i's slices taken inside: eager slicing dispatch is slow
-        blk = nnx.merge(graph, p)
-        h = blk.attn_norm(x)
-        q, _, _ = blk.project_qkv(h)
-        x, k, v = blk(x, state.k[i], state.v[i], valid, state.fill, Memory(state.memory.M[i], state.memory.z[i]),
-                      state.written, cos, sin)
-        return x, k, v, q[0, -1], h[0]
-
     def run(state, ids):
         x = model.embed_tokens(jnp.asarray([ids]))
         t = len(ids)
         valid = jax.lax.dynamic_update_slice(state.valid, jnp.ones((1, t), bool), (0, int(state.fill)))
         ks, vs, qs, hs = [], [], [], []
         for i in range(n_layers):
-            x, k_i, v_i, q, h = block(layer_params[i], i, x, state, valid)
+            x, k_i, v_i, q, h = _block(graph, layer_params[i], i, x, state, valid, cos, sin)
             qs.append(q)
             hs.append(h)
             ks.append(k_i)
