@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
+from eijax.cli import InputError
 from eijax.config import MemoryConfig, ModelConfig
 from eijax.rope import inverse_frequencies, rope_table
 
@@ -99,6 +100,9 @@ class EdgeInfiniteTorch(nn.Module):
 
     def __init__(self, config: ModelConfig, memory: MemoryConfig, cache_write: str = "onehot"):
         super().__init__()
+        if memory.key_conv:  # an experiment of the JAX model (MemoryConfig.key_conv), not in the shared semantics
+            raise InputError(f"memory.key_conv={memory.key_conv}: the PyTorch twin and LiteRT graphs do not "
+                             "implement the memory key convolution (JAX only)")
         self.config, self.memory_config = config, memory
         self.cache_write = cache_write
         local = config.local_layers or (False,) * config.n_layers

@@ -133,6 +133,16 @@ class MemoryConfig:
     # first write into an empty memory was where a trained SmolLM2 lost most needles). Prompts that
     # fit the cache never touch it: they stay exactly the base model.
     prior: bool = False
+    # Memory keys from a short causal convolution over the stream (docs/memory-training.md, "where a
+    # binding key must come from"): the key a token writes with is Σ_s c_s k_{t-s} over its last
+    # `key_conv` tokens' pre-RoPE keys (per KV head, learned taps, lag 0 starting at 1 and the rest at
+    # 0: exactly today's key until trained), then the adapter. A value's own key holds little of the
+    # name a few tokens before it; the taps can bring it in. 0 = off. State: the last key_conv - 1
+    # keys written, per layer (State.conv_k). JAX only: the PyTorch twin and LiteRT graphs refuse it.
+    key_conv: int = 0
+    # The taps' initial weight on the N - 1 earlier keys, spread evenly (lag 0 keeps 1): 0 starts at
+    # the token's own key; 1 adds the mean of the last N - 1 (the context a fit found binding in).
+    key_conv_context: float = 0.0
     # Recompute in the backward (EdgeInfiniteLM.forward): "layer" each layer's pass from its input,
     # "segment" each group of segments (sink, segment 0, the full segments, the last) from its input,
     # "both" nested. "auto": none on CPU (memory is plentiful there and a third of the step's FLOPs
@@ -154,6 +164,8 @@ class MemoryConfig:
             raise ValueError(f"unknown gate {self.gate!r}; choose 'linear', 'head_linear' or 'scalar'")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
+        if self.key_conv < 0 or self.key_conv == 1:
+            raise ValueError(f"key_conv is 0 (off) or a number of taps >= 2, got {self.key_conv}")
         if self.remat not in get_args(RematPolicy):
             raise ValueError(f"unknown remat policy {self.remat!r}; choose {', '.join(get_args(RematPolicy))}")
         if self.layer_loop not in get_args(LayerLoop):

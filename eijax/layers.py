@@ -141,7 +141,7 @@ class MemoryPrior(nnx.Module):
 
 # The per-layer modules EdgeInfinite adds to the base model (Block attribute names): the memory path
 # of DESIGN §1.2, what trains, what a memory file holds and what the twin keeps beside the base weights.
-MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior")
+MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior", "key_conv")
 
 
 class MemoryWriteGate(nnx.Module):
@@ -152,6 +152,18 @@ class MemoryWriteGate(nnx.Module):
         hkv, d = cfg.n_kv_heads, cfg.head_dim
         self.w = nnx.Param(jnp.zeros((*lead, hkv, 2 * d), param_dtype), axes=(*lead_axes, "kv_heads_n", "head_dim"))
         self.b = nnx.Param(jnp.zeros((*lead, hkv), param_dtype), axes=(*lead_axes, "kv_heads_n"))
+
+
+class MemoryKeyConv(nnx.Module):
+    """Taps of the memory keys' causal convolution (MemoryConfig.key_conv): [Hkv, N] per layer, lag 0
+    first; 1 at lag 0 and key_conv_context / (N - 1) at every other lag, so by default the keys start
+    as the tokens' own (see `memory.conv_keys`)."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, param_dtype):
+        n_taps = mem.key_conv
+        taps = np.full((*lead, cfg.n_kv_heads, n_taps), mem.key_conv_context / (n_taps - 1), np.float32)
+        taps[..., 0] = 1.0
+        self.taps = nnx.Param(jnp.asarray(taps, param_dtype), axes=(*lead_axes, "kv_heads_n", "conv_taps"))
 
 
 def adapt(x: jax.Array, maps: jax.Array) -> jax.Array:
@@ -269,6 +281,8 @@ class Block(nnx.Module):
         self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
         self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.write_gate else None
+        self.key_conv = (MemoryKeyConv(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
+                         if mem.key_conv else None)
         # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
         self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes) if mem.prior else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)

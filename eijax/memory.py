@@ -11,6 +11,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eijax.local_history import history_indices, roll_history
+
 
 class Memory(NamedTuple):
     """Per-layer memory; stacked over layers it has a leading [n_layers] axis."""
@@ -80,3 +82,18 @@ def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: st
         M=memory.M + jnp.einsum("btkd,btke->bkde", sk, v),
         z=memory.z + sk.sum(axis=1),
     )
+
+
+def conv_keys(k: jax.Array, valid: jax.Array, taps: jax.Array, hist: jax.Array, hist_valid: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys a window writes with under MemoryConfig.key_conv: Σ_s taps[:, s] k_{t-s} over the stream
+    of written tokens (lag 0 = the token itself), continued across windows by `hist`, the last N - 1
+    keys written before this window (right-aligned, `hist_valid`). k [B, W, Hkv, d] pre-RoPE, valid
+    [B, W] (real tokens first, padding after), taps [Hkv, N]. Terms before the stream's first token
+    are 0. Returns (keys [B, W, Hkv, d], the new hist, its validity)."""
+    n, w = taps.shape[1], k.shape[1]
+    f = jnp.promote_types(k.dtype, jnp.float32)
+    stream = jnp.concatenate([hist.astype(f) * hist_valid[..., None, None], k.astype(f) * valid[..., None, None]], axis=1)
+    out = sum(taps[None, None, :, s, None].astype(f) * stream[:, n - 1 - s:n - 1 - s + w] for s in range(n))
+    src, keep = history_indices(hist_valid, valid, 0)
+    return out.astype(k.dtype), roll_history(hist, k, src, keep), keep

@@ -49,6 +49,10 @@ class State(NamedTuple):
     local_k: jax.Array | None = None      # [NL, B, Hn, Hkv, d] pre-RoPE (rows of global layers unused)
     local_v: jax.Array | None = None      # [NL, B, Hn, Hkv, d]
     local_valid: jax.Array | None = None  # [B, Hn] bool
+    # MemoryConfig.key_conv only, else None: the last key_conv - 1 pre-RoPE keys written to memory
+    # (right-aligned), which the next window's first keys are convolved with (`memory.conv_keys`).
+    conv_k: jax.Array | None = None       # [NL, B, key_conv - 1, Hkv, d]
+    conv_valid: jax.Array | None = None   # [B, key_conv - 1] bool
 
 
 class EdgeInfiniteLM(nnx.Module):
@@ -75,6 +79,9 @@ class EdgeInfiniteLM(nnx.Module):
             hist = (cfg.n_layers, batch, hn, cfg.n_kv_heads, cfg.head_dim)
             local = dict(local_k=jnp.zeros(hist, dtype), local_v=jnp.zeros(hist, dtype),
                          local_valid=jnp.zeros((batch, hn), bool))
+        if mem.key_conv:
+            local.update(conv_k=jnp.zeros((cfg.n_layers, batch, mem.key_conv - 1, cfg.n_kv_heads, cfg.head_dim), dtype),
+                         conv_valid=jnp.zeros((batch, mem.key_conv - 1), bool))
         return State(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -244,23 +251,29 @@ class EdgeInfiniteLM(nnx.Module):
 
     def compress(self, state: State) -> State:
         """Fold the window (slots sink..) into memory and empty it. With memory disabled it just drops it.
-        Local layers (if any) roll their own window forward instead: see `roll_history`."""
+        The key convolution's history (MemoryConfig.key_conv) and the local layers' own window (if
+        any) roll forward: see `memory.conv_keys` and `roll_history`."""
         mem = self.memory_config
         s = mem.sink
         window_valid = state.valid[:, s:]
         memory, written = state.memory, state.written
+        extra = {}  # State fields of the key convolution and the local layers, when the model has them
         if mem.enabled:
+            keys = state.k[:, :, s:]
+            if mem.key_conv:
+                conv = lambda k, taps, hist: mem_lib.conv_keys(k, window_valid, taps, hist, state.conv_valid)
+                keys, conv_k, conv_valid = jax.vmap(conv)(keys, self.blocks.key_conv.taps[...], state.conv_k)
+                extra.update(conv_k=conv_k, conv_valid=conv_valid[0])
             fold = lambda m, k, v, adapter, write_gate: fold_window(m, k, v, window_valid, mem, adapter, write_gate)
-            memory = jax.vmap(fold)(memory, state.k[:, :, s:], state.v[:, :, s:], *self._memory_path_params())
+            memory = jax.vmap(fold)(memory, keys, state.v[:, :, s:], *self._memory_path_params())
             memory = self._global_only(memory, state.memory)
             written = written | window_valid.any(axis=1)
-        local = {}
         if self.config.has_local_layers:
             src, keep = history_indices(state.local_valid, state.valid, s)
-            local = dict(local_k=roll_history(state.local_k, state.k, src, keep),
+            extra.update(local_k=roll_history(state.local_k, state.k, src, keep),
                          local_v=roll_history(state.local_v, state.v, src, keep), local_valid=keep)
         return state._replace(valid=state.valid.at[:, s:].set(False), fill=jnp.minimum(state.fill, s),
-                              memory=memory, written=written, **local)
+                              memory=memory, written=written, **extra)
 
     def _memory_path_params(self, blocks=None) -> tuple:
         """(adapter (k, v) maps or None, write gate (w, b) or None) of `blocks` (default: all layers)."""
@@ -354,6 +367,7 @@ class EdgeInfiniteLM(nnx.Module):
             k0 = jnp.zeros(init.k.shape[1:], init.k.dtype)
             v0 = jnp.zeros_like(k0)
             history = (init.local_k[0], init.local_v[0], init.local_valid) if has_local else None
+            conv = (init.conv_k[0], init.conv_valid) if mem.key_conv and mem.enabled else None
             local = lambda hist: None if hist is None else (is_local, *hist)
             blk = nnx.merge(graph, p)
             memory_path = self._memory_path_params(blk)
@@ -366,21 +380,26 @@ class EdgeInfiniteLM(nnx.Module):
                     out["sink"], k0, v0 = jax.lax.stop_gradient((out["sink"], k0, v0))
 
             def fold(carry, xs):  # one segment's memory update (and local history roll); emits what it reads
-                memory, hist = carry
+                memory, hist, conv = carry
                 k, v, slots, idx = xs
                 if every:  # truncated backprop through memory (and the local window): cut every `every` segments
                     cut = (idx % every) == 0
-                    memory, hist = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a), (memory, hist))
+                    memory, hist, conv = jax.tree.map(lambda a: jnp.where(cut, jax.lax.stop_gradient(a), a),
+                                                      (memory, hist, conv))
                 read = (memory, hist)
                 if mem.enabled:
-                    new = fold_window(memory, k, v, slots[:, s:s + k.shape[1]], mem, *memory_path)
+                    keys = k
+                    if conv is not None:  # the memory's keys from the last key_conv tokens (memory.conv_keys)
+                        keys, *conv = mem_lib.conv_keys(k, slots[:, s:s + k.shape[1]], blk.key_conv.taps[...], *conv)
+                        conv = tuple(conv)
+                    new = fold_window(memory, keys, v, slots[:, s:s + k.shape[1]], mem, *memory_path)
                     memory = new if is_local is None else jax.tree.map(lambda n, o: jnp.where(is_local, o, n), new, memory)
                 if hist is not None:
                     cache = lambda c0, c: jax.lax.dynamic_update_slice_in_dim(c0, c.astype(c0.dtype), s, axis=1)
                     src, keep = history_indices(hist[2], slots, s)
                     hist = (roll_history(hist[0], cache(k0, k), src, keep), roll_history(hist[1], cache(v0, v), src, keep),
                             keep)
-                return (memory, hist), read
+                return (memory, hist, conv), read
 
             def segments(carry, hs, seg_xs, frozen):
                 """n segments [B, n, t, D]: memory through them in order, then all of them in one batch."""
@@ -399,7 +418,7 @@ class EdgeInfiniteLM(nnx.Module):
 
             if remat in ("segment", "both"):
                 segments = jax.checkpoint(segments, static_argnums=(3,))
-            carry = (mem_lib.Memory(m0, z0), history)
+            carry = (mem_lib.Memory(m0, z0), history, conv)
             for name in ("first", "full", "tail"):
                 if name in groups:
                     carry, out[name] = segments(carry, h[name], groups[name][1], groups[name][2])
@@ -459,11 +478,11 @@ def fold_window(memory: mem_lib.Memory, k: jax.Array, v: jax.Array, window_valid
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
     """The same parameter arrays (shared, not copied) under another MemoryConfig, e.g. another
-    sink/window or memory off for the baselines. Gate type, adapter, write gate and prior are parameters: they must match."""
+    sink/window or memory off for the baselines. Gate type, adapter, write gate, prior and key_conv are parameters: they must match."""
     old = model.memory_config
     if memory == old:
         return model
-    fields = ("gate", "adapter", "write_gate", "prior")
+    fields = ("gate", "adapter", "write_gate", "prior", "key_conv")
     if any(getattr(memory, f) != getattr(old, f) for f in fields):
         raise ValueError("gate/adapter/write_gate change the parameters: have "
                          + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "

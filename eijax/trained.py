@@ -143,7 +143,7 @@ def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
     """`override` (e.g. another sink/window for inference) with what the trained weights need kept:
-    gate type, adapter, write gate, prior, memory rule and eps."""
+    gate type, adapter, write gate, prior, key convolution, memory rule and eps."""
     if override is None:
         return saved
     if override.enabled and saved.enabled and (override.sink, override.window) != (saved.sink, saved.window):
@@ -152,7 +152,8 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
         log.warning("the memory path was trained with sink %d + window %d; running it with sink %d + window %d, "
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
-                               write_gate=saved.write_gate, prior=saved.prior, rule=saved.rule, eps=saved.eps)
+                               write_gate=saved.write_gate, prior=saved.prior, key_conv=saved.key_conv,
+                               rule=saved.rule, eps=saved.eps)
 
 
 def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | None):
@@ -292,6 +293,8 @@ def init_from_trained(model, source: str | Path) -> list[str]:
             if getattr(saved, k) != getattr(have, k)]
     if saved.write_gate and not have.write_gate:  # the other way round is a warm start: β starts at 1
         diff.append("write_gate: True vs False")
+    if saved.key_conv and saved.key_conv != have.key_conv:  # none saved: a warm start from the tokens' own keys
+        diff.append(f"key_conv: {saved.key_conv} vs {have.key_conv}")
     if diff:
         raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
                                  f"(trained vs run: {', '.join(diff)})")

@@ -289,9 +289,11 @@ def test_key_fit_cli_collects_resumably_and_fits(tiny_model_dir, tmp_path, capsy
     for tr in traces:
         assert (tr["value_tokens"] > 0).all() and tr["values"].shape == (4, tr["weight"].size)
         assert tr["weight"].sum() == pytest.approx(tr["written"])      # kept filler weighted back to its count
-    main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "hidden,context,head0"])
+        assert tr["keys_ctx"].shape == (tr["keys"].shape[0], tr["weight"].size, tr["keys"][0, 0].size)
+    main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "hidden,context,head0,heads_context"])
     out = capsys.readouterr().out
     assert "| 0 |" in out and "fit: hidden" in out and "fit: context" in out and "fit: head0" in out
+    assert "fit: heads_context" in out
     main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "context", "--tied",
           "--kernel", "softmax_then_memory"])
     assert "fit: context" in capsys.readouterr().out

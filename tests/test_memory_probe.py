@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import eijax
 from eijax.eval.memory_probe import layer_qk, needle_shares
@@ -11,12 +12,14 @@ from eijax.memory import sigma
 from eijax.testing import random_tokens, tiny_eijax_model
 
 
-def test_probe_keys_are_what_the_memory_holds():
+@pytest.mark.parametrize("key_conv", [0, 4])
+def test_probe_keys_are_what_the_memory_holds(key_conv):
     """z (the sum of σ(k) over every written token) rebuilt from the probe's keys equals the
-    model's own memory after streaming the same context (adapter maps and write strengths included)."""
+    model's own memory after streaming the same context (adapter maps, write strengths and the key
+    convolution across window folds included)."""
     from eijax.testing import randomise_memory_path
 
-    mem = eijax.MemoryConfig(sink=3, window=8, adapter=True, write_gate=True)
+    mem = eijax.MemoryConfig(sink=3, window=8, adapter=True, write_gate=True, key_conv=key_conv)
     model = tiny_eijax_model("llama", mem, dtype="float32")
     randomise_memory_path(model)
     ctx = [int(t) for t in random_tokens((3 + 2 * 8 + 5,), seed=1)]

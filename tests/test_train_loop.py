@@ -59,6 +59,23 @@ def test_gate_only_step_keeps_base_frozen():
     assert all(jax.tree.leaves(same))
 
 
+def test_lr_scale_multiplies_one_modules_updates():
+    import jax.numpy as jnp
+
+    from eijax.train.config_schema import OptimSection
+    from eijax.train.optim import check_lr_scale, make_optimizer
+
+    params = {"blocks": {"gate": {"w": jnp.ones(3)}, "key_conv": {"taps": jnp.ones(3)}}}
+    grads = {"blocks": {"gate": {"w": jnp.full(3, 0.5)}, "key_conv": {"taps": jnp.full(3, 0.5)}}}
+    tx = make_optimizer(OptimSection(warmup_steps=0, clip_norm=0.0, lr_scale=[["key_conv", 20]]), 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["blocks"]["key_conv"]["taps"], 20 * updates["blocks"]["gate"]["w"], rtol=1e-6)
+    assert float(jnp.abs(updates["blocks"]["gate"]["w"]).max()) > 0
+    check_lr_scale(OptimSection(lr_scale=[["key_conv", 2]]), params)
+    with pytest.raises(ValueError, match="adapter"):
+        check_lr_scale(OptimSection(lr_scale=[["adapter", 2]]), params)
+
+
 def test_chunked_loss_equals_full_logits():
     import jax.numpy as jnp
 

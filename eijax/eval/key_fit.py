@@ -18,7 +18,8 @@ before the model is changed:
    σ = elu + 1, so the result is a read a d x d memory could hold) on the training samples, maximising
    the share of the read's weight on the asked value's tokens, and score held-out documents. The key's
    input is the layer's hidden state (576-d for SmolLM2), or its mean over the token's last 16
-   (the value's own name among them), or every KV head's key (Hkv x d), or one KV head's key (what the
+   (the value's own name among them), or every KV head's key (Hkv x d), or their mean over the last
+   16 tokens (what a short convolution over the cached keys could give), or one KV head's key (what the
    memory adapter can express); the query's input is always the hidden state.
 
 Scores, per layer, on held-out documents (each asked for all four names): pick = how often the asked
@@ -88,6 +89,8 @@ def sample_trace(model, tokenizer, sample: dict[str, Any], filler_keep: int, see
             # over the stream of written tokens, across window folds (the tokens before a value)
             "hidden_ctx": causal_mean(tr.hidden_k, CONTEXT)[:, keep].astype(np.float16),
             "keys": tr.k[:, keep].astype(np.float16),                      # [NL, T', Hkv, d], adapted
+            # the same causal mean over the KV heads' adapted keys (what a conv over the cached keys sees)
+            "keys_ctx": causal_mean(tr.k.reshape(*tr.k.shape[:2], -1), CONTEXT)[:, keep].astype(np.float16),
             "values": values[:, keep], "weight": weight.astype(np.float32),
             "value_tokens": values.sum(1), "written": np.int64(written.sum()),
             "mass_mem": np.stack(mass["mem"]), "mass_soft": np.stack(mass["soft"])}  # [4 queries, NL, H, 4]
@@ -139,8 +142,10 @@ def _inputs(traces: Sequence[dict[str, np.ndarray]], layer: int, source: str, qu
         return np.pad(a, [(0, t - a.shape[axis]) if i == axis else (0, 0) for i in range(a.ndim)])
 
     def key_input(tr):
-        if source in ("hidden", "context"):
-            return tr[{"hidden": "hidden_k", "context": "hidden_ctx"}[source]][layer]
+        if source in ("hidden", "context", "heads_context"):
+            if source == "heads_context" and "keys_ctx" not in tr:
+                raise cli.InputError("--sources heads_context needs a folder collected by this key_fit: collect it again")
+            return tr[{"hidden": "hidden_k", "context": "hidden_ctx", "heads_context": "keys_ctx"}[source]][layer]
         keys = tr["keys"][layer]
         return keys.reshape(keys.shape[0], -1) if source == "heads" else keys[:, int(source.removeprefix("head"))]
 
@@ -288,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     f.add_argument("--train", type=int, default=128, help="the first N documents train, the rest are held out")
     f.add_argument("--sources", default="hidden,context,heads,head0,head1,head2",
                    help="key inputs: hidden (the layer's attention input), context (its mean over the last "
-                        "16 tokens), heads (every KV head's key), headG (KV head G's)")
+                        "16 tokens), heads (every KV head's key), heads_context (their mean over the last 16 "
+                        "tokens), headG (KV head G's)")
     f.add_argument("--query", default="answer", choices=("answer", "question"),
                    help="query token: the answer prefix's last ('... text is') or the question's last")
     f.add_argument("--layers", default="", help="comma list (default: all)")

@@ -41,7 +41,7 @@ from flax import nnx
 
 from eijax import cli
 from eijax.layers import adapt
-from eijax.memory import Memory, sigma, write_strength
+from eijax.memory import Memory, conv_keys, sigma, write_strength
 
 
 def _char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -131,6 +131,11 @@ def layer_traces(model, ctx: Sequence[int], queries: Sequence[Sequence[int]], hi
         written[at:at + len(seg)] = True
         state = model.compress(state)
     k, v = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)
+    if model.blocks.key_conv is not None:  # the keys the memory was written with (MemoryConfig.key_conv)
+        n_hist = mem.key_conv - 1
+        conv = lambda ki, taps: conv_keys(ki[None], jnp.ones((1, ki.shape[0]), bool), taps,
+                                          jnp.zeros((1, n_hist, *ki.shape[1:]), ki.dtype), jnp.zeros((1, n_hist), bool))[0][0]
+        k = jax.vmap(conv)(k, model.blocks.key_conv.taps[...])
     adapter = model.blocks.memory_adapter
     if adapter is not None:
         k, v = (jax.vmap(lambda xi, m: adapt(xi[None], m)[0])(x, maps) for x, maps in ((k, adapter.k[...]),

@@ -74,6 +74,9 @@ class OptimSection:
     grad_accum: int = 1                # micro-batches per optimizer step (optax.MultiSteps)
     loss_chunk: int = 0                # tokens per logits chunk in the loss; 0 = memory.window
     distill_weight: float = 0.0        # + this x KL(full attention || model) on tokens after segment 0
+    # [[module, factor], ...]: that module's updates (a whole path element, as in `trainable`) scaled by
+    # factor, e.g. [[key_conv, 20]] for new taps trained beside an already trained gate and adapter
+    lr_scale: list[list[Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +349,10 @@ def _check_consistency(c: Config) -> None:
     # needs one folder every host sees, so a bucket is mounted (gcsfuse), not given as a URL.
     need("://" not in c.run.output_dir, f"run.output_dir={c.run.output_dir!r}: URLs are not supported; mount the "
          "bucket (e.g. gcsfuse at /mnt/bucket) and give that path")
+    for rule in c.optim.lr_scale:
+        need(isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
+             and isinstance(rule[1], (int, float)) and rule[1] > 0,
+             f"optim.lr_scale entries must be [module, factor > 0]: got {rule!r}")
     for rule in c.mesh.logical_axis_rules:
         need(isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str),
              f"mesh.logical_axis_rules entries must be [logical_name, mesh_axes]: got {rule!r}")

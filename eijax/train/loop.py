@@ -21,7 +21,7 @@ from eijax.train import checkpointing as ckpt
 from eijax.train import sharding as shd
 from eijax.train.config_schema import Config, ConfigError, config_to_dict
 from eijax.train.metrics import MetricsWriter, Progress, gate_stats
-from eijax.train.optim import count_params, memory_path_only, learning_rate_schedule, make_optimizer, split_trainable
+from eijax.train.optim import check_lr_scale, count_params, memory_path_only, learning_rate_schedule, make_optimizer, split_trainable
 from eijax.train.flops import matmul_peak_flops, model_flops_per_token
 from eijax.trained import init_from_trained, memory_patterns, set_params
 from eijax.train.step import batch_extent, compile_step, jit_train_step, prepare_batch
@@ -147,6 +147,7 @@ def run(config: Config, on_step: Callable[[int, dict], None] | None = None) -> d
         raise ConfigError("memory.prior needs a prior to start from: set model.init_memory to a memory file that "
                           "has one (python -m eijax.memory_prior SOURCE OUT writes it)")
     graphdef, trainable_state, frozen = split_trainable(model, config.optim.trainable)
+    check_lr_scale(config.optim, trainable_state)
     n_train, n_all = count_params(trainable_state), count_params(trainable_state) + count_params(frozen)
     log0(f"model {config.model_name}: {n_all / 1e6:.1f}M params, training {n_train:,} "
          f"({100 * n_train / n_all:.3f}%: {config.optim.trainable})")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import optax
 from flax import nnx
 
 from eijax.layers import MEMORY_PATH
 from eijax.train.config_schema import OptimSection
 from eijax.trained import param_filter
-
-
 
 
 def split_trainable(model: nnx.Module, patterns: Sequence[str]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -39,15 +38,40 @@ def learning_rate_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedul
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.end_lr_ratio)
 
 
+def _names(path) -> set[str]:
+    return {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+
+
+def scale_by_module(scales: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of params whose path holds a module name of `scales` by its factor
+    (optim.lr_scale; `check_lr_scale` says whether each name matches a trainable param)."""
+
+    def update(updates, state, params=None):
+        factor = lambda path: next((f for name, f in scales.items() if name in _names(path)), 1.0)
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def check_lr_scale(cfg: OptimSection, trainable: Any) -> None:
+    """A module of optim.lr_scale that no trainable parameter lies under is an error."""
+    found = set().union(*(_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]))
+    missing = sorted({str(name) for name, _ in cfg.lr_scale} - found)
+    if missing:
+        raise ValueError(f"optim.lr_scale names {missing}, which no trainable parameter lies under "
+                         f"(optim.trainable={list(cfg.trainable)})")
+
+
 def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
     """`total_steps` counts optimizer updates; with grad_accum=k the step function is called k times each."""
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
                              weight_decay=cfg.weight_decay))
+    if cfg.lr_scale:
+        parts.append(scale_by_module({str(name): float(f) for name, f in cfg.lr_scale}))
     tx = optax.chain(*parts)
     return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
 def count_params(tree: Any) -> int:
-    import jax
     return sum(int(x.size) for x in jax.tree.leaves(tree))
