@@ -262,6 +262,28 @@ def test_ppl_gap_table_splits_the_gap_and_reproduces_the_beyond_window_mean(tiny
         assert total[f"nll_{m}"] == pytest.approx(sum(r["n"] * r[f"nll_{m}"] for r in groups) / total["n"])
 
 
+def test_ppl_gap_window_curve_scores_the_same_predictions_at_each_window(tiny_model_dir, tmp_path):
+    """`--windows`: sink + window at the run's own window reproduces the table's sink + window loss
+    (same predictions), a window holding the whole text matches full attention, and the memory's
+    worth in window tokens is interpolated between measured windows."""
+    from eijax.eval.ppl_gap import main, window_worth
+
+    text = tmp_path / "book.txt"
+    rng = random.Random(1)
+    text.write_text(" ".join(f"w{rng.randrange(500)}" for _ in range(400)))
+    rows = main(["--model", str(tiny_model_dir), "--sink", "16", "--window", "112", "--file", str(text),
+                 "--tokens", "500", "--windows", "240,496"])
+    total, extra = rows[3], rows[4]
+    curve = extra["curve"]
+    assert [r["window"] for r in curve] == [112, 240, 496]
+    assert curve[0]["nll"] == pytest.approx(total["nll_streaming"], rel=1e-5)
+    assert curve[2]["nll"] == pytest.approx(total["nll_full"], rel=1e-4)  # 16 + 496 slots hold all 500 tokens
+    assert window_worth(curve, curve[1]["nll"]) == pytest.approx(240)
+    assert window_worth(curve, 2 * max(r["nll"] for r in curve)) is None
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_model_dir), "--file", str(text), "--windows", "384,x"])
+
+
 def test_memory_probe_cli_reports_binding_for_multikey(tiny_model_dir, capsys):
     """`python -m eijax.eval.memory_probe --task multikey`: each of the four needles is found in the
     stream (question before the document too), and the binding table and its summary are printed."""

@@ -14,7 +14,12 @@ Per group: how many tokens, the mean loss (nats) of each method, the group's sha
 sink + window -> full attention gap, and the share of that gap the memory closes.
 
     python -m eijax.eval.ppl_gap --checkpoint smollm2-memory \
-        --file eijax/data/assets/northanger_abbey.txt --tokens 4096
+        --file eijax/data/assets/northanger_abbey.txt --tokens 4096 --windows 320,384,512,768
+
+`--windows` also scores sink + window with wider windows on the same predictions, and says which
+window the memory is worth: the exact cache that gives the memory's perplexity, to set beside what
+the memory's state costs (M and z of every KV head: the keys and values of (d + 1) / 2 cached
+tokens per layer).
 """
 
 from __future__ import annotations
@@ -79,6 +84,31 @@ def gap_table(nll: dict[str, np.ndarray], groups: np.ndarray, first: int) -> lis
     return rows
 
 
+def window_curve(model, tokens: Sequence[int], windows: Sequence[int], first: int) -> list[dict]:
+    """Sink + window (no memory) at each window, mean loss over predictions first.. (the same ones
+    whatever the window): [{window, nll, ppl}]."""
+    from dataclasses import replace
+
+    from eijax.generate import Generator
+    from eijax.model import with_memory_config
+
+    rows = []
+    for w in windows:
+        wide = with_memory_config(model, replace(model.memory_config, window=w))
+        nll = np.asarray(Generator(wide, "streaming").score(tokens), np.float64)[first:]
+        rows.append(dict(window=w, nll=float(nll.mean()), ppl=float(np.exp(nll.mean()))))
+    return rows
+
+
+def window_worth(curve: list[dict], nll: float) -> float | None:
+    """The window whose sink + window loss equals `nll`, linear between measured windows; None outside."""
+    pts = sorted((r["window"], r["nll"]) for r in curve)
+    for (w0, l0), (w1, l1) in zip(pts, pts[1:]):
+        if min(l0, l1) <= nll <= max(l0, l1) and l0 != l1:
+            return w0 + (w1 - w0) * (l0 - nll) / (l0 - l1)
+    return None
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| next token | n | share of tokens | full attention | sink + window | memory | share of the gap | "
              "gap closed by memory |", "|---|---|---|---|---|---|---|---|"]
@@ -100,8 +130,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--file", required=True, help="a long UTF-8 text (not one the memory was trained on)")
     p.add_argument("--tokens", type=int, default=4096, help="score its first N tokens (full attention: up to "
                                                             "the model's context)")
+    p.add_argument("--windows", default="", help="comma-separated wider windows: also score sink + window "
+                                                 "with each on the same predictions (e.g. 320,384,512,768)")
     p.add_argument("--out", help="also write the rows as JSON here")
     a = p.parse_args(argv)
+    try:
+        windows = [int(x) for x in a.windows.split(",") if x]
+    except ValueError:
+        raise cli.InputError(f"--windows {a.windows!r}: expected comma-separated token counts, e.g. 384,512") from None
+    if any(w < 1 for w in windows):
+        raise cli.InputError(f"--windows {a.windows!r}: every window must be at least 1 token")
     path = cli.existing_file(a.file, "--file")
     if a.tokens < 2:
         raise cli.InputError(f"--tokens {a.tokens}: need at least 2")
@@ -122,6 +160,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"{len(tokens)} tokens of {path.name}; sink {mem.sink} + window {mem.window}; "
           f"{rows[-1]['n']} predictions beyond the first sink + window")
     print(markdown(rows))
+    if windows:
+        first = mem.cache_size - 1
+        curve = window_curve(model, tokens, [mem.window, *windows], first)
+        worth = window_worth(curve, rows[-1]["nll_edgeinfinite"])
+        print("| window (sink + window, no memory) | perplexity |\n|---|---|\n" + "\n".join(
+            f"| {r['window']} | {r['ppl']:.2f} |" for r in curve))
+        d, hkv, n_layers = model.config.head_dim, model.config.n_kv_heads, model.config.n_layers
+        print(f"\nthe memory's perplexity {np.exp(rows[-1]['nll_edgeinfinite']):.2f} is sink + window at window "
+              + (f"{worth:.0f}" if worth is not None else "outside the measured windows")
+              + f"; its state per layer ({hkv} x ({d} x {d} + {d}) floats) is what {(d + 1) / 2:g} cached tokens hold "
+              f"({hkv} x 2 x {d})")
+        rows.append(dict(group="windows", curve=curve, memory_worth_window=worth, n_layers=n_layers))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return rows
