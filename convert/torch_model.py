@@ -103,6 +103,9 @@ class EdgeInfiniteTorch(nn.Module):
         if memory.key_conv:  # an experiment of the JAX model (MemoryConfig.key_conv), not in the shared semantics
             raise InputError(f"memory.key_conv={memory.key_conv}: the PyTorch twin and LiteRT graphs do not "
                              "implement the memory key convolution (JAX only)")
+        if memory.gate == "joint":  # likewise (MemoryConfig.gate)
+            raise InputError("memory.gate='joint': the PyTorch twin and LiteRT graphs do not implement the joint "
+                             "gate (JAX only)")
         self.config, self.memory_config = config, memory
         self.cache_write = cache_write
         local = config.local_layers or (False,) * config.n_layers

@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 import jax.numpy as jnp
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma3"]
-GateType = Literal["linear", "head_linear", "scalar"]
+GateType = Literal["linear", "head_linear", "scalar", "joint"]
 MemoryRule = Literal["linear", "delta"]
 RematPolicy = Literal["auto", "none", "segment", "layer", "both"]
 LayerLoop = Literal["auto", "scan", "unroll"]
@@ -114,6 +114,9 @@ class MemoryConfig:
     sink: int = 64
     window: int = 512
     rule: MemoryRule = "linear"
+    # "joint" (JAX only): no learned mix of the two outputs; the memory stands in for the folded
+    # tokens' share of one softmax, weight σ(c_h + log(σ(q)·z) - logsumexp of the window's scores)
+    # per head (docs/memory-training.md, "layer by layer"). gate_init then sets c's start.
     gate: GateType = "linear"
     gate_init: float = 0.05  # initial gate value: local-dominant but not saturated (DESIGN §1.2)
     eps: float = 1e-6
@@ -160,8 +163,8 @@ class MemoryConfig:
             raise ValueError(f"need sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
         if self.rule not in ("linear", "delta"):
             raise ValueError(f"unknown memory rule {self.rule!r}; choose 'linear' or 'delta'")
-        if self.gate not in ("linear", "head_linear", "scalar"):
-            raise ValueError(f"unknown gate {self.gate!r}; choose 'linear', 'head_linear' or 'scalar'")
+        if self.gate not in get_args(GateType):
+            raise ValueError(f"unknown gate {self.gate!r}; choose {', '.join(map(repr, get_args(GateType)))}")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
         if self.key_conv < 0 or self.key_conv == 1:

@@ -99,13 +99,18 @@ class MemoryGate(nnx.Module):
         elif mem.gate == "head_linear":
             self.kernel = _param(None, (*lead, h, 2 * d), (*lead_axes, "gate_heads", "gate_in"), pd, "zeros")
             self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+        elif mem.gate == "joint":  # log c per head: the memory's mass against the window's
+            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
         else:
             self.beta = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
 
-    def __call__(self, a_mem: jax.Array, a_local: jax.Array) -> jax.Array:
-        """a_mem, a_local: [B, T, H, d]. Returns the gate, float32 [B, T, H, 1]."""
+    def __call__(self, a_mem: jax.Array, a_local: jax.Array, log_mass: jax.Array | None = None) -> jax.Array:
+        """a_mem, a_local: [B, T, H, d]; log_mass [B, T, H] (the "joint" gate's input: log of the memory's
+        mass σ(q)·z minus the window's logsumexp). Returns the gate, float32 [B, T, H, 1]."""
         b, t, h, d = a_local.shape
         f = a_mem.dtype  # float32 (float64 in float64 tests)
+        if self.kind == "joint":
+            return jax.nn.sigmoid(self.bias[...].astype(f) + log_mass.astype(f))[..., None]
         if self.kind == "scalar":
             return jax.nn.sigmoid(self.beta[...].astype(f))[None, None, :, None] * jnp.ones((b, t, h, 1), f)
         a_local = a_local.astype(f)
@@ -172,8 +177,9 @@ def adapt(x: jax.Array, maps: jax.Array) -> jax.Array:
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None,
-                    softcap: float = 0.0) -> jax.Array:
-    """Softmax attention with interleaved GQA. q [B,T,H,d]; k, v [B,C,Hkv,d]; mask [B,T,C] -> [B,T,H,d].
+                    softcap: float = 0.0, with_lse: bool = False):
+    """Softmax attention with interleaved GQA. q [B,T,H,d]; k, v [B,C,Hkv,d]; mask [B,T,C] -> [B,T,H,d]
+    (and, `with_lse`, the scores' logsumexp [B,T,H], float32).
 
     Scores are divided by sqrt(d), or multiplied by `scale` when given (Gemma: query_pre_attn_scalar
     ** -0.5), then soft-capped (cap * tanh(s / cap)) when `softcap` is set."""
@@ -188,8 +194,10 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     # A finite floor (not -inf) keeps fully masked rows (all-padding queries) NaN-free.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(f).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgtc,bckd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgtc,bckd->btkgd", probs, v).reshape(b, t, h, d)
+    if with_lse:
+        return out, jnp.moveaxis(jax.nn.logsumexp(scores, axis=-1), -1, 1).reshape(b, t, h)
+    return out
 
 
 # Caches of at least 2 x KV_BLOCK slots (the `full` method's, up to the model's whole context; the
@@ -202,7 +210,7 @@ KV_BLOCK = 512
 
 def blocked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, limit: jax.Array,
                       cos: jax.Array, sin: jax.Array, scale: float | None = None, softcap: float = 0.0,
-                      block: int | None = None) -> jax.Array:
+                      block: int | None = None, with_lse: bool = False):
     """`local_attention` over a large cache, KV_BLOCK slots at a time, skipping blocks at or past `limit`
     (no query may see them). q [B,T,H,d] already rotated; k_cache, v_cache [B,C,Hkv,d] pre-RoPE (each
     block is rotated with cos/sin[slot] when it is used); mask [B,T,C]. Same values as `local_attention`
@@ -240,9 +248,12 @@ def blocked_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask
 
     init = (jnp.full((b, hkv, h // hkv, t), floor, f), jnp.zeros((b, hkv, h // hkv, t), f),
             jnp.zeros((b, hkv, h // hkv, t, d), f))
-    (_, run_sum, acc), _ = jax.lax.scan(step, init, xs)
+    (run_max, run_sum, acc), _ = jax.lax.scan(step, init, xs)
     out = (acc / run_sum[..., None]).astype(v_cache.dtype)  # [b, k, g, t, d]
-    return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d)
+    out = jnp.moveaxis(out, 3, 1).reshape(b, t, h, d)
+    if with_lse:
+        return out, jnp.moveaxis(run_max + jnp.log(run_sum), -1, 1).reshape(b, t, h)
+    return out
 
 
 class LocalContext(NamedTuple):
@@ -337,16 +348,19 @@ class Block(nnx.Module):
         def global_attention():  # DESIGN §1.1: [sink ; window] softmax attention mixed with memory
             q_rot = apply_rope(q, jnp.take(cos, q_pos, axis=0), jnp.take(sin, q_pos, axis=0))
             mask = valid[:, None, :] & (jnp.arange(n_slots, dtype=jnp.int32)[None, None, :] <= q_pos[None, :, None])
+            joint = self.use_memory and self.gate.kind == "joint"
             if blocked:
                 out = blocked_attention(q_rot, k_cache, v_cache, mask, fill + t, cos[:n_slots], sin[:n_slots],
-                                        self.scale, self.softcap)
+                                        self.scale, self.softcap, with_lse=joint)
             else:
                 k_rot = apply_rope(k_cache, cos[:n_slots], sin[:n_slots])
-                out = local_attention(q_rot, k_rot, v_cache, mask, self.scale, self.softcap)
+                out = local_attention(q_rot, k_rot, v_cache, mask, self.scale, self.softcap, with_lse=joint)
+            out, lse = out if joint else (out, None)
             if self.use_memory:
                 q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
                 a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
-                g = self.gate(a_mem, out)
+                log_mass = mem_lib.log_mass(memory, q_mem, self.mem_eps) - lse if joint else None
+                g = self.gate(a_mem, out, log_mass)
                 mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
                 out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
             return out

@@ -49,6 +49,14 @@ def read(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
     return (num / den).reshape(b, t, h, d)
 
 
+def log_mass(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
+    """log(σ(q)·z_g + eps): the memory's total read weight per query token and head [B, T, H], float32."""
+    b, t, h, d = q.shape
+    hkv = memory.z.shape[1]
+    sq = sigma(q).astype(memory.z.dtype).reshape(b, t, hkv, h // hkv, d)
+    return jnp.log(jnp.einsum("btkgd,bkd->btkg", sq, memory.z) + eps).reshape(b, t, h)
+
+
 def write_strength(w: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """β = 2σ([k; v]·w_h + b_h) per token and KV head: [B, T, Hkv] float32. w [Hkv, 2d], b [Hkv];
     zeros give β = 1 (the plain rule)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
 from eijax.eval.metrics import lcs_length, metric_for_dataset, qa_f1, rouge_l
@@ -319,3 +320,91 @@ def test_key_fit_cli_collects_resumably_and_fits(tiny_model_dir, tmp_path, capsy
     main(["fit", str(tmp_path), "--train", "2", "--steps", "3", "--sources", "context", "--tied",
           "--kernel", "softmax_then_memory"])
     assert "fit: context" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sink", [0, 16])
+def test_read_fit_collect_splits_full_attention_into_folded_and_window_parts(tiny_model_dir, tmp_path, sink):
+    """`read_fit collect`: per layer, full attention over the streamed q, k, v is λ a_E + (1 - λ) a_L
+    (exactly with no sink; with a sink only the sink's positions differ), the model's own output is
+    its window attention until the first fold, and `fit` scores the memory's share of that gap."""
+    from eijax.eval.read_fit import _load, gap_closed, main
+
+    rng = random.Random(3)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(" ".join(f"w{rng.randrange(300)}" for _ in range(400)))
+        main(["collect", "--model", str(tiny_model_dir), "--sink", str(sink), "--window", "64",
+              "--file", str(tmp_path / f"{name}.txt"), "--tokens", "300", "--out", str(tmp_path / name)])
+    data = _load(tmp_path / "a", 0)
+    assert data["q"].shape[0] == 300 - sink and int(data["window"].max()) == (300 - sink - 1) // 64
+    first = data["window"] == 0
+    np.testing.assert_allclose(data["own"][first], data["a_local"][first], atol=2e-3)  # nothing folded yet
+    assert float(data["lam"][first].max()) == 0.0 and float(data["lam"][~first].min()) > 0.0
+    oracle = data["lam"][..., None] * data["a_e"] + (1 - data["lam"][..., None]) * data["a_local"]
+    assert gap_closed(oracle, data) > (0.999 if sink == 0 else 0.98)
+    assert gap_closed(data["a_local"], data) == pytest.approx(0.0, abs=1e-6)
+    if sink == 0:
+        return
+    rows = main(["fit", str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "20", "--lr", "1e-2"])
+    assert [r["layer"] for r in rows] == [0] and rows[0]["oracle"] > 0.98
+    assert -1.0 < rows[0]["own"] < 1.0 and all(0.0 < rows[0][k] <= 1.0 for k in ("sigma", "hedgehog"))
+    with pytest.raises(SystemExit):
+        main(["fit", str(tmp_path / "a"), str(tmp_path / "b"), "--kernels", "sigma,cosine"])
+
+
+def test_read_fit_linear_read_is_the_kernel_average_over_earlier_windows():
+    """The fitted memory's read for a query in window w weighs every token of windows < w by φ(q)·φ(k)."""
+    import jax.numpy as jnp
+
+    from eijax.eval.read_fit import KERNELS, linear_read
+
+    rng = np.random.default_rng(0)
+    t, h, hkv, d = 11, 2, 1, 4
+    window = np.repeat(np.arange(3), 4)[:t]   # the last window is short
+    data = {"q": rng.standard_normal((t, h, d)), "k": rng.standard_normal((t, hkv, d)),
+            "v": rng.standard_normal((t, hkv, d)), "window": window}
+    data = {n: jnp.asarray(x) for n, x in data.items()}
+    params = {"wq": jnp.asarray(rng.standard_normal((h, d, d))),
+              "wk": jnp.asarray(rng.standard_normal((hkv, d, d)))}
+    for kernel, phi in KERNELS.items():
+        r, log_den = linear_read(params, data, kernel, (3, 4))
+        for i in (5, 10):
+            for head in range(h):
+                fq = np.asarray(phi(data["q"][i, head] @ params["wq"][head]))
+                w = np.array([fq @ np.asarray(phi(data["k"][j, 0] @ params["wk"][0])) if window[j] < window[i] else 0.0
+                              for j in range(t)])
+                np.testing.assert_allclose(r[i, head], w @ np.asarray(data["v"][:, 0]) / (w.sum() + 1e-6), rtol=1e-4)
+                np.testing.assert_allclose(log_den[i, head], np.log(w.sum() + 1e-6), rtol=1e-5)
+
+
+def test_joint_gate_model_computes_what_read_fit_fits(tiny_model_dir, tmp_path):
+    """A model with gate "joint" (linear rule, adapter) outputs exactly read_fit's `mixed` with the same
+    maps and constants: (Z_L a_L + c σ(q)ᵀM) / (Z_L + c σ(q)ᵀz) per head; with no sink the window's
+    positions are the absolute ones the fit uses. `export` writes a fit into a checkpoint that loads."""
+    import jax.numpy as jnp
+
+    from eijax.config import MemoryConfig
+    from eijax.eval.read_fit import _load, collect, layout, linear_read, main, mixed, set_fitted
+    from eijax.generate import load_model
+
+    mem = MemoryConfig(sink=0, window=64, rule="linear", gate="joint", adapter=True)
+    model = load_model(str(tiny_model_dir), mem)
+    rng = np.random.default_rng(0)
+    n, h, hkv, d = model.config.n_layers, model.config.n_heads, model.config.n_kv_heads, model.config.head_dim
+    fitted = {"layers": np.arange(n), "sigma_wq": np.eye(d) + 0.3 * rng.standard_normal((n, h, d, d)),
+              "sigma_wk": np.eye(d) + 0.3 * rng.standard_normal((n, hkv, d, d)),
+              "sigma_log_c": rng.standard_normal((n, h))}
+    set_fitted(model, fitted)
+    collect(model, rng.integers(0, 1000, 200).tolist(), tmp_path / "run")
+    data = _load(tmp_path / "run", 0)
+    params = {k: jnp.asarray(fitted[f"sigma_{k}"][0]) for k in ("wq", "wk", "log_c")}
+    np.testing.assert_allclose(np.asarray(mixed(params, data, "sigma", layout(data))), np.asarray(data["own"]), atol=3e-3)
+    _, log_den = linear_read(params, data, "sigma", layout(data))
+    assert float(jnp.abs(log_den[data["window"] > 0]).max()) > 0.1   # the memory's mass does move the mix
+    np.savez(tmp_path / "fit.npz", **fitted)
+    main(["export", str(tmp_path / "fit.npz"), str(tmp_path / "joint"), "--model", str(tiny_model_dir)])
+    back = load_model(str(tiny_model_dir), MemoryConfig(sink=0, window=64), str(tmp_path / "joint"))
+    assert back.memory_config.gate == "joint"
+    np.testing.assert_allclose(np.asarray(back.blocks.gate.bias[...]), fitted["sigma_log_c"], rtol=1e-6)
+    with pytest.raises(SystemExit):   # a fit that does not cover every layer cannot be exported
+        np.savez(tmp_path / "part.npz", **{**fitted, "layers": np.arange(n - 1)})
+        main(["export", str(tmp_path / "part.npz"), str(tmp_path / "x"), "--model", str(tiny_model_dir)])

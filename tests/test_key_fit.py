@@ -54,3 +54,22 @@ def test_causal_mean_averages_each_positions_last_n():
     for t in range(9):
         np.testing.assert_allclose(got[:, t], x[:, max(0, t - 3):t + 1].mean(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(causal_mean(x, 20)[:, -1], x.mean(1), rtol=1e-5, atol=1e-6)  # n past the start
+
+
+def test_hedgehog_features_are_a_positive_kernel_of_twice_the_rank_and_bind_planted_names():
+    import jax.numpy as jnp
+
+    from eijax.eval.key_fit import hedgehog
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 8)), jnp.float32)
+    phi = np.asarray(hedgehog(x))
+    assert phi.shape == (5, 16) and (phi > 0).all()
+    np.testing.assert_allclose(phi.sum(-1), 2.0, rtol=1e-6)          # each half is a softmax over features
+    np.testing.assert_allclose(phi[:, :8], np.asarray(hedgehog(-x))[:, 8:], rtol=1e-6)
+    # the spiky kernel, like the memory's, learns the planted binding from the hidden state, and cannot
+    # from noise; started from the softmax fit it keeps it
+    traces = _planted_traces(40)
+    for kernel in ("hedgehog", "softmax_then_hedgehog"):
+        out = fit(traces, 24, ["hidden", "heads"], rank=8, steps=200, lr=1e-2, kernel=kernel)
+        assert out["hidden"]["pick"][0] > 0.8, kernel
+        assert out["heads"]["pick"][0] < 0.55, kernel

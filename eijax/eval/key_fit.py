@@ -30,7 +30,8 @@ asked value's tokens.
 `--kernel softmax` fits exp(q·k/√r) instead, which no fixed-size memory holds but which tells whether
 the inputs carry the binding at all, and `--kernel softmax_then_memory` fits the memory's kernel
 starting from the softmax fit's maps (from a random start it settles on "digits, not filler");
-`--tied` starts both maps equal (q·k starts as the inputs' own
+`--kernel hedgehog` (and `softmax_then_hedgehog`) fits a spiky linear kernel, φ(x) = [softmax(x) ;
+softmax(-x)] over the features, that a fixed-size memory could hold in place of σ; `--tied` starts both maps equal (q·k starts as the inputs' own
 similarity). docs/memory-training.md has what this measured on SmolLM2.
 
     python -m eijax.eval.key_fit collect --checkpoint smollm2-memory --length 2000 --samples 120 --out DIR
@@ -156,16 +157,27 @@ def _inputs(traces: Sequence[dict[str, np.ndarray]], layer: int, source: str, qu
     return jnp.asarray(xq), jnp.asarray(xk), jnp.asarray(values), jnp.asarray(weight)
 
 
+KERNELS = ("memory", "softmax", "hedgehog", "softmax_then_memory", "softmax_then_hedgehog")
+
+
+def hedgehog(x: jax.Array) -> jax.Array:
+    """[..., r] -> [..., 2r]: softmax over the features of x and of -x (positive, sums to 2)."""
+    return jnp.concatenate([jax.nn.softmax(x, axis=-1), jax.nn.softmax(-x, axis=-1)], axis=-1)
+
+
 def _value_mass(params, xq, xk, values, weight, kernel: str = "memory") -> jax.Array:
     """The read's weight share on each needle's value [N, J (query), J (needle)] under the learned maps:
-    the memory's kernel σ(q)·σ(k), or ("softmax") exp(q·k/√r), which no fixed-size memory holds but
-    which tells whether the inputs carry the binding at all."""
+    the memory's kernel σ(q)·σ(k); ("softmax") exp(q·k/√r), which no fixed-size memory holds but
+    which tells whether the inputs carry the binding at all; or ("hedgehog") φ(q)·φ(k) with
+    φ(x) = [softmax(x) ; softmax(-x)] over the r features (Zhang et al. 2024), a spiky kernel a
+    fixed-size memory holds with 2r features."""
     q, k = xq @ params["wq"] + params["bq"], xk @ params["wk"] + params["bk"]     # [N, J, r], [N, T, r]
     if kernel == "softmax":
         logits = jnp.einsum("njr,ntr->njt", q, k) / jnp.sqrt(q.shape[-1]) + jnp.log(weight)[:, None]
         w = jax.nn.softmax(logits, axis=-1)
     else:
-        w = jnp.einsum("njr,ntr->njt", sigma(q), sigma(k)) * weight[:, None]
+        phi = sigma if kernel == "memory" else hedgehog
+        w = jnp.einsum("njr,ntr->njt", phi(q), phi(k)) * weight[:, None]
     return jnp.einsum("njt,nkt->njk", w, values.astype(w.dtype)) / w.sum(-1, keepdims=True)
 
 
@@ -213,12 +225,12 @@ def fit(traces: Sequence[dict[str, np.ndarray]], n_train: int, sources: Sequence
         acc: dict[str, list] = {}
         for layer in tqdm(list(layers), desc=f"fit {source}", unit="layer"):
             tr_in, te_in = _inputs(train, layer, source, query), _inputs(test, layer, source, query)
-            if kernel == "softmax_then_memory":  # the memory's kernel, started where the softmax fit ended
+            read = kernel.removeprefix("softmax_then_")
+            if read != kernel:  # a linear kernel, started where the softmax fit ended
                 params = fit_layer(tr_in, rank, steps, lr, seed, "softmax", tied)
-                params = fit_layer(tr_in, rank, steps, lr, seed, "memory", init=params)
+                params = fit_layer(tr_in, rank, steps, lr, seed, read, init=params)
             else:
                 params = fit_layer(tr_in, rank, steps, lr, seed, kernel, tied)
-            read = "memory" if kernel == "softmax_then_memory" else kernel
             for prefix, part, inp in (("", test, te_in), ("train_", train, tr_in)):
                 got = document_scores(np.asarray(_value_mass(params, *inp, read)), part)
                 for name, v in got.items():
@@ -299,9 +311,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="query token: the answer prefix's last ('... text is') or the question's last")
     f.add_argument("--layers", default="", help="comma list (default: all)")
     f.add_argument("--rank", type=int, default=64, help="features of the fitted read (the memory's d)")
-    f.add_argument("--kernel", default="memory", choices=("memory", "softmax", "softmax_then_memory"),
+    f.add_argument("--kernel", default="memory", choices=KERNELS,
                    help="the fitted read: the memory's σ(q)·σ(k), softmax (is the binding in the inputs at all?), "
-                        "or the memory's started from the softmax fit's maps")
+                        "hedgehog ([softmax(x); softmax(-x)] features, 2 x rank), or softmax_then_<linear "
+                        "kernel>: that kernel started from the softmax fit's maps")
     f.add_argument("--tied", action="store_true",
                    help="start the query and key maps equal (where both inputs are hidden states): q·k starts "
                         "as their own similarity")
