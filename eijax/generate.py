@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Callable, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -398,6 +398,26 @@ def add_geometry_args(p) -> None:
     p.add_argument("--sink", type=int, help=f"sink tokens (default: the --checkpoint's training value, else {default.sink})")
     p.add_argument("--window", type=int,
                    help=f"window tokens (default: the --checkpoint's training value, else {default.window})")
+
+
+def add_model_args(p, geometry: tuple[int, int] | None = None) -> None:
+    """--model, --checkpoint, --sink, --window of the analysis CLIs (eijax.eval.*); `geometry` fixes
+    the sink/window defaults instead of taking the checkpoint's."""
+    p.add_argument("--model", help=f"registered name, HF folder or .gguf (default: the checkpoint's base, else {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
+    if geometry is None:
+        add_geometry_args(p)
+    else:
+        p.add_argument("--sink", type=int, default=geometry[0], help=f"sink tokens (default {geometry[0]})")
+        p.add_argument("--window", type=int, default=geometry[1], help=f"window tokens (default {geometry[1]})")
+
+
+def load_for_cli(a) -> tuple[EdgeInfiniteLM, Any]:
+    """(model, tokenizer) for the options of `add_model_args`."""
+    from eijax.tokenizer import load_tokenizer
+
+    source = base_model_source(a.model, a.checkpoint)
+    return load_model(source, inference_memory(a.sink, a.window, a.checkpoint), a.checkpoint), load_tokenizer(source)
 
 
 def inference_memory(sink: int | None, window: int | None, checkpoint: str | None) -> MemoryConfig:

@@ -288,13 +288,12 @@ def report(traces: Sequence[dict[str, np.ndarray]], n_train: int, fitted: dict[s
 
 @cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
+    from eijax.generate import add_model_args, load_for_cli
+
     p = cli.ArgumentParser(prog="python -m eijax.eval.key_fit", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="stream multi-key samples and keep what `fit` needs (resumable)")
-    c.add_argument("--model", help="registered name, HF folder or .gguf (default: the checkpoint's base, else smollm2)")
-    c.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
-    c.add_argument("--sink", type=int, default=32)
-    c.add_argument("--window", type=int, default=256)
+    add_model_args(c, geometry=(32, 256))
     c.add_argument("--length", type=int, default=2000, help="context tokens")
     c.add_argument("--samples", type=int, default=160, help="documents (each is asked for all its names)")
     c.add_argument("--seed", type=int, default=5151, help="sample seed (keep it apart from eval's 4242)")
@@ -322,13 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     f.add_argument("--lr", type=float, default=3e-3)
     a = p.parse_args(argv)
     if a.command == "collect":
-        from eijax.config import MemoryConfig
-        from eijax.generate import base_model_source, load_model
-        from eijax.tokenizer import load_tokenizer
-
-        source = base_model_source(a.model, a.checkpoint)
-        tok = load_tokenizer(source)
-        model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+        model, tok = load_for_cli(a)
         collect(model, tok, Path(a.out), a.samples, a.length, a.seed, a.filler_keep)
         return
     traces = load_traces(Path(a.folder))

@@ -259,16 +259,11 @@ def probe(model, tokenizer, samples: Sequence[dict[str, Any]], temperatures: Seq
 
 @cli.main_guard
 def main(argv: Sequence[str] | None = None) -> None:
-    from eijax.config import MemoryConfig
     from eijax.data.synthetic import Filler, make_sample
-    from eijax.generate import base_model_source, load_model
-    from eijax.tokenizer import load_tokenizer
+    from eijax.generate import add_model_args, load_for_cli
 
     p = cli.ArgumentParser(prog="python -m eijax.eval.memory_probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="registered name, HF folder or .gguf (default: the checkpoint's base, else smollm2)")
-    p.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
-    p.add_argument("--sink", type=int, default=32)
-    p.add_argument("--window", type=int, default=256)
+    add_model_args(p, geometry=(32, 256))
     p.add_argument("--task", default="passkey", choices=("passkey", "multikey"),
                    help="multikey adds whether the question's name steers the read (binding)")
     p.add_argument("--question-position", default="last", choices=("last", "both"),
@@ -282,9 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--temperatures", default="4,16", help="extra σ(βx) feature-map scales to compare (comma list)")
     a = p.parse_args(argv)
     temps = [float(t) for t in a.temperatures.split(",") if t]
-    source = base_model_source(a.model, a.checkpoint)
-    tok = load_tokenizer(source)
-    model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+    model, tok = load_for_cli(a)
     filler = Filler.for_tokenizer(tok)
     samples = [make_sample(a.task, i, seed=a.seed, tokenizer=tok, context_tokens=a.length, filler=filler)
                for i in range(a.samples)]

@@ -122,11 +122,10 @@ def markdown(rows: list[dict]) -> str:
 
 @cli.main_guard
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+    from eijax.generate import add_model_args, load_for_cli
+
     p = cli.ArgumentParser(prog="python -m eijax.eval.ppl_gap", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="registered name, HF folder or .gguf (default: the checkpoint's base, else smollm2)")
-    p.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
-    p.add_argument("--sink", type=int, help="sink tokens (default: the checkpoint's, else 64)")
-    p.add_argument("--window", type=int, help="window tokens (default: the checkpoint's, else 512)")
+    add_model_args(p)
     p.add_argument("--file", required=True, help="a long UTF-8 text (not one the memory was trained on)")
     p.add_argument("--tokens", type=int, default=4096, help="score its first N tokens (full attention: up to "
                                                             "the model's context)")
@@ -143,13 +142,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     path = cli.existing_file(a.file, "--file")
     if a.tokens < 2:
         raise cli.InputError(f"--tokens {a.tokens}: need at least 2")
-    from eijax.generate import Generator, base_model_source, inference_memory, load_model
-    from eijax.tokenizer import load_tokenizer
+    from eijax.generate import Generator
 
-    source = base_model_source(a.model, a.checkpoint)
-    tok = load_tokenizer(source)
-    mem = inference_memory(a.sink, a.window, a.checkpoint)
-    model = load_model(source, mem, a.checkpoint)
+    model, tok = load_for_cli(a)
+    mem = model.memory_config
     tokens = tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)[: a.tokens]
     tokens = tokens[: model.config.max_position]  # one token stream for all three methods
     if len(tokens) <= mem.cache_size:

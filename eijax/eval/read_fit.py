@@ -298,13 +298,12 @@ def set_fitted(model, fitted: dict[str, np.ndarray]) -> None:
 
 @cli.main_guard
 def main(argv: Sequence[str] | None = None) -> list[dict] | None:
+    from eijax.generate import add_model_args, load_for_cli
+
     p = cli.ArgumentParser(prog="python -m eijax.eval.read_fit", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="stream a text and keep each layer's q, k, v and attention outputs")
-    c.add_argument("--model", help="registered name, HF folder or .gguf (default: the checkpoint's base, else smollm2)")
-    c.add_argument("--checkpoint", help="trained memory path (run folder, memory file or packaged name)")
-    c.add_argument("--sink", type=int, default=32)
-    c.add_argument("--window", type=int, default=256)
+    add_model_args(c, geometry=(32, 256))
     c.add_argument("--file", required=True, help="a long UTF-8 text")
     c.add_argument("--tokens", type=int, default=2048, help="its first N tokens")
     c.add_argument("--out", required=True, help="folder for layer_<i>.npz")
@@ -339,14 +338,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         print(f"wrote {stem}.safetensors and {stem}.json")
         return None
     if a.command == "collect":
-        from eijax.config import MemoryConfig
-        from eijax.generate import base_model_source, load_model
-        from eijax.tokenizer import load_tokenizer
-
         path = cli.existing_file(a.file, "--file")
-        source = base_model_source(a.model, a.checkpoint)
-        tok = load_tokenizer(source)
-        model = load_model(source, MemoryConfig(sink=a.sink, window=a.window), a.checkpoint)
+        model, tok = load_for_cli(a)
         tokens = list(tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False))[:a.tokens]
         if len(tokens) < model.memory_config.cache_size + 2:
             raise cli.InputError(f"--tokens {a.tokens}: need more than one sink + window "
