@@ -95,14 +95,20 @@ def layer_qk(model, ctx: Sequence[int], query: Sequence[int], hidden: bool = Fal
     return layer_traces(model, ctx, [query], hidden)[0]
 
 
+def layer_slices(model) -> tuple[Any, list, jax.Array, jax.Array]:
+    """(graph of one layer, each layer's params, RoPE cos, sin): what the per-layer jitted blocks of the
+    probes take, sliced once (eager slicing per call is slow)."""
+    graph, params = nnx.split(model.blocks)
+    cos, sin = model._rope()
+    return graph, [jax.tree.map(lambda a, i=i: a[i], params) for i in range(model.config.n_layers)], cos, sin
+
+
 def layer_traces(model, ctx: Sequence[int], queries: Sequence[Sequence[int]], hidden: bool = False) -> list[Trace]:
     """`layer_qk` for several queries, each in a fresh window after the same streamed ctx (run once)."""
     mem = model.memory_config
     s, w = mem.sink, mem.window
-    graph, params = nnx.split(model.blocks)
+    graph, layer_params, cos, sin = layer_slices(model)
     n_layers = model.config.n_layers
-    cos, sin = model._rope()
-    layer_params = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(n_layers)]
 
     def run(state, ids):
         x = model.embed_tokens(jnp.asarray([ids]))

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from eijax import cli
 from eijax.eval.key_fit import hedgehog
+from eijax.eval.memory_probe import layer_slices
 from eijax.layers import adapt, local_attention
 from eijax.memory import Memory, log_mass, read, sigma
 from eijax.rope import apply_rope, rope_table
@@ -77,10 +78,8 @@ def stream_layers(model, tokens: Sequence[int]) -> dict[str, np.ndarray]:
     a_local and own [NL, T, H, d]; plus the sink's k, v [NL, S, Hkv, d] and each token's window index."""
     mem = model.memory_config
     s, w = mem.sink, mem.window
-    graph, params = nnx.split(model.blocks)
+    graph, layer_params, cos, sin = layer_slices(model)
     n_layers = model.config.n_layers
-    cos, sin = model._rope()
-    layer_params = [jax.tree.map(lambda a, i=i: a[i], params) for i in range(n_layers)]
 
     def run(state, ids):
         x = model.embed_tokens(jnp.asarray([ids]))
