@@ -70,8 +70,9 @@ class Progress:
 
 
 def gate_stats(trainable: dict) -> dict[str, float]:
-    """Per-layer gate at zero input, sigmoid(bias) (or sigmoid(beta)), averaged over heads, and the
-    kernel's norm: where each layer's gate sits and how much it reacts to its inputs."""
+    """Per-layer gate at zero input, sigmoid(bias) (or sigmoid(beta); the joint gate's weight where the
+    memory's mass equals the window's), averaged over heads, and the kernel's norm: where each layer's
+    gate sits and how much it reacts to its inputs."""
     gate = trainable.get("blocks", {}).get("gate", {})
     out: dict[str, float] = {}
     prior = gate.get("bias", gate.get("beta"))
