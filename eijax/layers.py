@@ -358,9 +358,12 @@ class Block(nnx.Module):
             out, lse = out if joint else (out, None)
             if self.use_memory:
                 q_mem = q if self.memory_adapter is None else adapt(q, self.memory_adapter.q[...])
-                a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
-                log_mass = mem_lib.log_mass(memory, q_mem, self.mem_eps) - lse if joint else None
-                g = self.gate(a_mem, out, log_mass)
+                if joint:
+                    a_mem, log_mass = mem_lib.read(memory, q_mem, self.mem_eps, with_log_mass=True)
+                    g = self.gate(a_mem, out, log_mass - lse)
+                else:
+                    a_mem = mem_lib.read(memory, q_mem, self.mem_eps)
+                    g = self.gate(a_mem, out)
                 mixed = (g * a_mem + (1.0 - g) * out.astype(a_mem.dtype)).astype(out.dtype)
                 out = jnp.where(written[:, None, None, None], mixed, out)  # empty memory: exactly local
             return out

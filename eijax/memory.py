@@ -39,22 +39,16 @@ def sigma(x: jax.Array) -> jax.Array:
     return jax.nn.elu(x.astype(_memory_dtype(x))) + 1.0
 
 
-def read(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
-    """A_mem = σ(q) M_g / (σ(q)·z_g + eps). q: [B, T, H, d] pre-RoPE. Returns float32 [B, T, H, d]."""
+def read(memory: Memory, q: jax.Array, eps: float, with_log_mass: bool = False):
+    """A_mem = σ(q) M_g / (σ(q)·z_g + eps). q: [B, T, H, d] pre-RoPE. Returns float32 [B, T, H, d]
+    (and, `with_log_mass`, log(σ(q)·z_g + eps) [B, T, H]: the read's total weight, the joint gate's input)."""
     b, t, h, d = q.shape
     hkv = memory.M.shape[1]
     sq = sigma(q).astype(memory.M.dtype).reshape(b, t, hkv, h // hkv, d)
     num = jnp.einsum("btkgd,bkde->btkge", sq, memory.M)
     den = jnp.einsum("btkgd,bkd->btkg", sq, memory.z)[..., None] + eps
-    return (num / den).reshape(b, t, h, d)
-
-
-def log_mass(memory: Memory, q: jax.Array, eps: float) -> jax.Array:
-    """log(σ(q)·z_g + eps): the memory's total read weight per query token and head [B, T, H], float32."""
-    b, t, h, d = q.shape
-    hkv = memory.z.shape[1]
-    sq = sigma(q).astype(memory.z.dtype).reshape(b, t, hkv, h // hkv, d)
-    return jnp.log(jnp.einsum("btkgd,bkd->btkg", sq, memory.z) + eps).reshape(b, t, h)
+    out = (num / den).reshape(b, t, h, d)
+    return (out, jnp.log(den).reshape(b, t, h)) if with_log_mass else out
 
 
 def write_strength(w: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -43,7 +43,7 @@ from eijax import cli
 from eijax.eval.key_fit import hedgehog
 from eijax.eval.memory_probe import layer_slices
 from eijax.layers import adapt, local_attention
-from eijax.memory import Memory, log_mass, read, sigma
+from eijax.memory import Memory, read, sigma
 from eijax.rope import apply_rope, rope_table
 
 KERNELS = {"sigma": sigma, "hedgehog": hedgehog}
@@ -67,8 +67,8 @@ def _layer(graph, p, i, x, state, valid, cos, sin):
     if blk.use_memory:
         memory = Memory(state.memory.M[i], state.memory.z[i])
         q_mem = q if blk.memory_adapter is None else adapt(q, blk.memory_adapter.q[...])
-        a_mem = read(memory, q_mem, blk.mem_eps)
-        g = blk.gate(a_mem, a_local, log_mass(memory, q_mem, blk.mem_eps) - lse)
+        a_mem, log_mass = read(memory, q_mem, blk.mem_eps, with_log_mass=True)
+        g = blk.gate(a_mem, a_local, log_mass - lse)
         own = jnp.where(state.written[:, None, None, None], g * a_mem + (1.0 - g) * a_local, a_local)
     return x_out, k_cache, v_cache, q[0], k[0], v[0], a_local[0], own[0]
 
