@@ -172,8 +172,13 @@ class MemoryWrite(nn.Module):
         self.rule, self.eps = rule, eps
 
     def forward(self, M: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                valid: torch.Tensor, strength: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B,T,Hkv,d] pre-RoPE; valid [B,T] bool; strength β [B,T,Hkv] or None. Returns the new (M, z)."""
+                valid: torch.Tensor, strength: torch.Tensor | None = None,
+                retain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B,T,Hkv,d] pre-RoPE; valid [B,T] bool; strength β [B,T,Hkv] or None; retain γ [Hkv] or None
+        (M, z scaled by it first where the window holds a valid token). Returns the new (M, z)."""
+        if retain is not None:
+            g = torch.where(valid.any(dim=1)[:, None], retain[None, :], torch.ones_like(retain)[None, :])  # [B, Hkv]
+            M, z = M * g[..., None, None], z * g[..., None]
         mask = valid.float()[:, :, None, None]
         sk = (sigma(k) * mask).permute(0, 2, 1, 3)                             # [B, Hkv, T, d]
         vv = (v.float() * mask).permute(0, 2, 1, 3)
@@ -196,6 +201,17 @@ class MemoryWriteGate(nn.Module):
         """k, v [B, T, Hkv, d] (the memory path's) -> β [B, T, Hkv] float32."""
         kv = torch.cat([k, v], dim=-1).float()
         return 2.0 * torch.sigmoid((kv * self.w).sum(dim=-1) + self.b)
+
+
+class MemoryDecay(nn.Module):
+    """eijax's memory retention per fold (MemoryConfig.decay): γ = σ(logit) per KV head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(cfg.n_kv_heads))
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.logit.float())
 
 
 class MemoryPrior(nn.Module):
@@ -256,6 +272,7 @@ class Block(nn.Module):
         self.gate = MemoryGate(cfg, mem)
         self.memory_adapter = MemoryAdapter(cfg) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg) if mem.write_gate else None
+        self.memory_decay = MemoryDecay(cfg) if mem.decay < 1.0 else None
         self.memory_prior = MemoryPrior(cfg) if mem.prior else None  # read by the model's prime, not here
         self.mlp_norm = norm(cfg.d_model)
         self.mlp = MLP(cfg)

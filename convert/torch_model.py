@@ -230,8 +230,9 @@ class EdgeInfiniteTorch(nn.Module):
             for i, block in enumerate(self.blocks):
                 if block.use_memory:
                     k, v = self._memory_kv(i, state.k[i][:, s:], state.v[i][:, s:])
-                    gate = block.write_gate
-                    M[i], z[i] = self.mem_write(M[i], z[i], k, v, window_valid, None if gate is None else gate(k, v))
+                    gate, decay = block.write_gate, block.memory_decay
+                    M[i], z[i] = self.mem_write(M[i], z[i], k, v, window_valid, None if gate is None else gate(k, v),
+                                                None if decay is None else decay())
             written = written | window_valid.any(dim=1)
         local = {}
         if self.local_history is not None:

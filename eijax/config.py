@@ -146,6 +146,11 @@ class MemoryConfig:
     # The taps' initial weight on the N - 1 earlier keys, spread evenly (lag 0 keeps 1): 0 starts at
     # the token's own key; 1 adds the mean of the last N - 1 (the context a fit found binding in).
     key_conv_context: float = 0.0
+    # Memory decay (docs/memory-training.md, "a memory that forgets"): before each window is folded in,
+    # M and z of every KV head are scaled by a learned retention γ = σ(logit) in (0, 1), so the read
+    # weighs recent windows more (a window folded n writes ago by γ^n against the newest). `decay` is
+    # γ's start for every head; 1.0 = off (no parameter: the plain memory, which weighs every window alike).
+    decay: float = 1.0
     # Recompute in the backward (EdgeInfiniteLM.forward): "layer" each layer's pass from its input,
     # "segment" each group of segments (sink, segment 0, the full segments, the last) from its input,
     # "both" nested. "auto": none on CPU (memory is plentiful there and a third of the step's FLOPs
@@ -167,6 +172,8 @@ class MemoryConfig:
             raise ValueError(f"unknown gate {self.gate!r}; choose {', '.join(map(repr, get_args(GateType)))}")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay is a retention per fold in (0, 1] (1 = off), got {self.decay}")
         if self.key_conv < 0 or self.key_conv == 1:
             raise ValueError(f"key_conv is 0 (off) or a number of taps >= 2, got {self.key_conv}")
         if self.remat not in get_args(RematPolicy):

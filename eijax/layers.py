@@ -146,7 +146,7 @@ class MemoryPrior(nnx.Module):
 
 # The per-layer modules EdgeInfinite adds to the base model (Block attribute names): the memory path
 # of DESIGN §1.2, what trains, what a memory file holds and what the twin keeps beside the base weights.
-MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior", "key_conv")
+MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior", "key_conv", "memory_decay")
 
 
 class MemoryWriteGate(nnx.Module):
@@ -157,6 +157,19 @@ class MemoryWriteGate(nnx.Module):
         hkv, d = cfg.n_kv_heads, cfg.head_dim
         self.w = nnx.Param(jnp.zeros((*lead, hkv, 2 * d), param_dtype), axes=(*lead_axes, "kv_heads_n", "head_dim"))
         self.b = nnx.Param(jnp.zeros((*lead, hkv), param_dtype), axes=(*lead_axes, "kv_heads_n"))
+
+
+class MemoryDecay(nnx.Module):
+    """Retention of the memory per fold (MemoryConfig.decay): γ = σ(logit) [Hkv] per layer, every head
+    starting at `decay` (see `memory.write`)."""
+
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, param_dtype):
+        logit = math.log(mem.decay / (1.0 - mem.decay))
+        self.logit = nnx.Param(jnp.full((*lead, cfg.n_kv_heads), logit, param_dtype), axes=(*lead_axes, "kv_heads_n"))
+
+    def retain(self) -> jax.Array:
+        logit = self.logit[...]
+        return jax.nn.sigmoid(logit.astype(jnp.promote_types(logit.dtype, jnp.float32)))
 
 
 class MemoryKeyConv(nnx.Module):
@@ -294,6 +307,8 @@ class Block(nnx.Module):
         self.write_gate = MemoryWriteGate(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.write_gate else None
         self.key_conv = (MemoryKeyConv(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
                          if mem.key_conv else None)
+        self.memory_decay = (MemoryDecay(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
+                             if mem.decay < 1.0 else None)
         # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
         self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes) if mem.prior else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)

@@ -60,15 +60,19 @@ def write_strength(w: jax.Array, b: jax.Array, k: jax.Array, v: jax.Array) -> ja
 
 
 def write(memory: Memory, k: jax.Array, v: jax.Array, valid: jax.Array, rule: str, eps: float,
-          strength: jax.Array | None = None) -> Memory:
+          strength: jax.Array | None = None, retain: jax.Array | None = None) -> Memory:
     """Fold tokens into memory. k, v: [B, T, Hkv, d] pre-RoPE; valid: [B, T] (padding writes nothing);
-    strength β: [B, T, Hkv] or None (β = 1).
+    strength β: [B, T, Hkv] or None (β = 1); retain γ: [Hkv] in (0, 1] or None (γ = 1).
 
+    first, where the window holds any valid token: M, z *= γ   (MemoryConfig.decay)
     linear: M += (β σ(k))ᵀ v
-    delta:  M += (β σ(k))ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z from before this write)
+    delta:  M += (β σ(k))ᵀ (v - σ(k) M / (σ(k)·z + eps))   (uses M, z after the decay, before this write)
     both:   z += Σ_t β_t σ(k_t)
     """
     dtype = memory.M.dtype
+    if retain is not None:  # a window of padding only (a short row of a batch) writes nothing and forgets nothing
+        g = jnp.where(valid.any(axis=1)[:, None], retain.astype(dtype)[None, :], 1.0)  # [B, Hkv]
+        memory = Memory(M=memory.M * g[..., None, None], z=memory.z * g[..., None])
     mask = valid.astype(dtype)[:, :, None, None]
     sk = sigma(k).astype(dtype) * mask
     v = v.astype(dtype) * mask

@@ -264,7 +264,7 @@ class EdgeInfiniteLM(nnx.Module):
                 conv = lambda k, taps, hist: mem_lib.conv_keys(k, window_valid, taps, hist, state.conv_valid)
                 keys, conv_k, conv_valid = jax.vmap(conv)(keys, self.blocks.key_conv.taps[...], state.conv_k)
                 extra.update(conv_k=conv_k, conv_valid=conv_valid[0])
-            fold = lambda m, k, v, adapter, write_gate: fold_window(m, k, v, window_valid, mem, adapter, write_gate)
+            fold = lambda m, k, v, *memory_path: fold_window(m, k, v, window_valid, mem, *memory_path)
             memory = jax.vmap(fold)(memory, keys, state.v[:, :, s:], *self._memory_path_params())
             memory = self._global_only(memory, state.memory)
             written = written | window_valid.any(axis=1)
@@ -276,11 +276,13 @@ class EdgeInfiniteLM(nnx.Module):
                               memory=memory, written=written, **extra)
 
     def _memory_path_params(self, blocks=None) -> tuple:
-        """(adapter (k, v) maps or None, write gate (w, b) or None) of `blocks` (default: all layers)."""
+        """(adapter (k, v) maps or None, write gate (w, b) or None, retention γ or None) of `blocks`
+        (default: all layers)."""
         blocks = self.blocks if blocks is None else blocks
-        adapter, gate = blocks.memory_adapter, blocks.write_gate
+        adapter, gate, decay = blocks.memory_adapter, blocks.write_gate, blocks.memory_decay
         return (None if adapter is None else (adapter.k[...], adapter.v[...]),
-                None if gate is None else (gate.w[...], gate.b[...]))
+                None if gate is None else (gate.w[...], gate.b[...]),
+                None if decay is None else decay.retain())
 
     def step_segment(self, state: State, tokens: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, State]:
         """One segment of `window` tokens into the empty window, then compress. Returns hidden states."""
@@ -466,23 +468,25 @@ def stack_caches(state: State) -> State:
 
 
 def fold_window(memory: mem_lib.Memory, k: jax.Array, v: jax.Array, window_valid: jax.Array, mem: MemoryConfig,
-                adapter: tuple[jax.Array, jax.Array] | None, write_gate: tuple[jax.Array, jax.Array] | None
-                ) -> mem_lib.Memory:
+                adapter: tuple[jax.Array, jax.Array] | None, write_gate: tuple[jax.Array, jax.Array] | None,
+                retain: jax.Array | None = None) -> mem_lib.Memory:
     """One layer's compress: the window's pre-RoPE k, v [B, W, Hkv, d] through the memory adapter
-    (if any) and written into memory, each token scaled by the write gate's strength (if any)."""
+    (if any) and written into memory, each token scaled by the write gate's strength (if any), after
+    the memory is scaled by its retention γ [Hkv] (if any)."""
     if adapter is not None:  # memory-path maps
         k, v = adapt(k, adapter[0]), adapt(v, adapter[1])
     strength = None if write_gate is None else mem_lib.write_strength(*write_gate, k, v)
-    return mem_lib.write(memory, k, v, window_valid, mem.rule, mem.eps, strength)
+    return mem_lib.write(memory, k, v, window_valid, mem.rule, mem.eps, strength, retain)
 
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
     """The same parameter arrays (shared, not copied) under another MemoryConfig, e.g. another
-    sink/window or memory off for the baselines. Gate type, adapter, write gate, prior and key_conv are parameters: they must match."""
+    sink/window or memory off for the baselines. Gate type, adapter, write gate, prior, key_conv and decay are
+    parameters: they must match."""
     old = model.memory_config
     if memory == old:
         return model
-    fields = ("gate", "adapter", "write_gate", "prior", "key_conv")
+    fields = ("gate", "adapter", "write_gate", "prior", "key_conv", "decay")
     if any(getattr(memory, f) != getattr(old, f) for f in fields):
         raise ValueError("gate/adapter/write_gate change the parameters: have "
                          + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "

@@ -17,7 +17,7 @@ from flax import nnx
 
 from eijax.cli import InputError
 from eijax.config import HF_ARCHITECTURE_CLASS, HF_MODEL_TYPE, MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
-from eijax.layers import MemoryAdapter, MemoryGate, MemoryKeyConv, MemoryPrior, MemoryWriteGate
+from eijax.layers import MemoryAdapter, MemoryDecay, MemoryGate, MemoryKeyConv, MemoryPrior, MemoryWriteGate
 from eijax.model import EdgeInfiniteLM
 
 # eijax path inside `blocks` -> (HF name with {i} for the layer, transpose to [in, out]?)
@@ -150,6 +150,9 @@ def model_from_hf_tensors(config: ModelConfig, memory: MemoryConfig, tensors: di
     if memory.key_conv:
         taps = MemoryKeyConv(config, memory, **lead, param_dtype=to_dtype(config.param_dtype))
         nnx.update(model.blocks.key_conv, nnx.state(taps))
+    if memory.decay < 1.0:
+        decay = MemoryDecay(config, memory, **lead, param_dtype=to_dtype(config.param_dtype))
+        nnx.update(model.blocks.memory_decay, nnx.state(decay))
     if memory.prior:  # zeros until primed (eijax.memory_prior) or loaded with a memory file
         nnx.update(model.blocks.memory_prior, nnx.state(MemoryPrior(config, **lead)))
     params_from_hf(model, tensors)

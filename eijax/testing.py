@@ -148,12 +148,17 @@ def segment_loop(model, tokens, valid):
     return np.concatenate(hidden, axis=1), windows, memories, state
 
 
-def memory_write_reference(M, z, k, v, valid, rule: str, eps: float, layers=None, write_gate=None):
+def memory_write_reference(M, z, k, v, valid, rule: str, eps: float, layers=None, write_gate=None, retain=None):
     """One window's memory write in float64 NumPy (DESIGN §1.1), stacked over layers:
     M [NL, B, Hkv, d, d], z [NL, B, Hkv, d], k, v [NL, B, L, Hkv, d], valid [B, L];
     `layers` [NL] bool: the layers that write (default: all); `write_gate` (w [NL, Hkv, 2d],
-    b [NL, Hkv]): each token's write scaled by β = 2σ([k; v]·w + b). Returns (M, z)."""
+    b [NL, Hkv]): each token's write scaled by β = 2σ([k; v]·w + b); `retain` γ [NL, Hkv]: M and z
+    scaled by γ first, in writing layers, for rows whose window holds a valid token. Returns (M, z)."""
     sig = lambda x: np.where(x > 0, x + 1.0, np.exp(x))
+    if retain is not None:
+        writes = np.ones(M.shape[0], bool) if layers is None else np.asarray(layers, bool)
+        g = np.where(writes[:, None, None] & valid.any(axis=1)[None, :, None], np.asarray(retain)[:, None, :], 1.0)
+        M, z = M * g[..., None, None], z * g[..., None]
     sk = sig(k) * valid[None, :, :, None, None]
     vv = v * valid[None, :, :, None, None]
     if rule == "delta":

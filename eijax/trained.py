@@ -143,7 +143,7 @@ def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
     """`override` (e.g. another sink/window for inference) with what the trained weights need kept:
-    gate type, adapter, write gate, prior, key convolution, memory rule and eps."""
+    gate type, adapter, write gate, prior, key convolution, decay, memory rule and eps."""
     if override is None:
         return saved
     if override.enabled and saved.enabled and (override.sink, override.window) != (saved.sink, saved.window):
@@ -153,7 +153,7 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
                                write_gate=saved.write_gate, prior=saved.prior, key_conv=saved.key_conv,
-                               rule=saved.rule, eps=saved.eps)
+                               decay=saved.decay, rule=saved.rule, eps=saved.eps)
 
 
 def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | None):
@@ -295,6 +295,8 @@ def init_from_trained(model, source: str | Path) -> list[str]:
         diff.append("write_gate: True vs False")
     if saved.key_conv and saved.key_conv != have.key_conv:  # none saved: a warm start from the tokens' own keys
         diff.append(f"key_conv: {saved.key_conv} vs {have.key_conv}")
+    if saved.decay < 1.0 and have.decay == 1.0:  # none saved: a warm start from the run's decay
+        diff.append(f"decay: {saved.decay} vs {have.decay}")
     if diff:
         raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
                                  f"(trained vs run: {', '.join(diff)})")

@@ -22,7 +22,7 @@ from convert.to_litert import available_recipes, load_recipe
 
 SCENARIO = "name: tiny\ndescription: test\nsink: 4\nwindow: 16\nprefill_chunks: [8, 4]\ndecode_batch: 1\nmemory: true\n"
 VOCAB = 97
-MEMORY_PATH = "MemoryGate_gate|MemoryAdapter_memory_adapter|MemoryRead_mem_read|MemoryWrite_mem_write|MemoryWriteGate_write_gate"
+MEMORY_PATH = "MemoryGate_gate|MemoryAdapter_memory_adapter|MemoryRead_mem_read|MemoryWrite_mem_write|MemoryWriteGate_write_gate|MemoryDecay_memory_decay"
 
 # Stated bounds vs the float32 graph on the tiny random model (observed values are about half of
 # these; a quantisation that breaks a layer or a scale gives relative errors of order 1).
@@ -33,9 +33,10 @@ BOUNDS = {  # recipe: (max logit rel err, min next-token agreement)
 
 
 def _model_with_gate():
-    """The whole memory path: gate, adapter, write gate and a memory prior (whose file travels with
-    every recipe's graph: the runner primes long prompts from it)."""
-    model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True, write_gate=True, prior=True))
+    """The whole memory path: gate, adapter, write gate, decay and a memory prior (whose file travels
+    with every recipe's graph: the runner primes long prompts from it)."""
+    model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True, write_gate=True, prior=True,
+                                                         decay=0.7))
     randomise_memory_path(model)
     prime(model, random_tokens((4 + 16,), vocab=VOCAB, seed=12).tolist())
     return model

@@ -62,20 +62,22 @@ _prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
 _compress = nnx.jit(lambda m, s: m.compress(s))
 
 
-@pytest.mark.parametrize("family,rule,adapter,write_gate,prior", [
-    ("llama", "linear", False, True, False), ("qwen2", "delta", False, False, False),
-    ("qwen3", "delta", True, True, True), ("gemma3", "delta", True, False, True)])
-def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate, prior):
+@pytest.mark.parametrize("family,rule,adapter,write_gate,prior,decay", [
+    ("llama", "linear", False, True, False, 1.0), ("qwen2", "delta", False, False, False, 0.7),
+    ("qwen3", "delta", True, True, True, 0.6), ("gemma3", "delta", True, False, True, 1.0)])
+def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate, prior, decay):
     """Sink, chunked segments with padding, three compresses, then decode steps (batch 2). gemma3:
     memory in its global layer, the local layers' history (4 tokens) rolled at every compress.
-    With a memory prior, both start the memory from it after the sink."""
-    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter, write_gate=write_gate, prior=prior)
+    With a memory prior, both start the memory from it after the sink; with a decay, both scale it
+    by the same learned retention at every compress."""
+    mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter, write_gate=write_gate, prior=prior,
+                             decay=decay)
     model = tiny_eijax_model(family, mem)
     randomise_memory_path(model)
     if prior:
         prime(model, random_tokens((4 + 8,), seed=9).tolist())
     twin = to_torch(model)
-    if adapter or write_gate or prior:  # the adapter, write gate and prior survive the round trip too
+    if adapter or write_gate or prior or decay < 1:  # the adapter, write gate, prior and decay survive the round trip too
         for a, b in zip(_params(model), _params(to_eijax(twin)), strict=True):
             np.testing.assert_array_equal(a, b)
     tokens = random_tokens((2, 40), seed=3)
