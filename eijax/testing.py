@@ -103,6 +103,32 @@ TINY_TRAIN_ARGS = ("model_name=tiny-random", "data.tokenizer=bytes", "memory.sin
                    "optim.learning_rate=1e-2", "optim.warmup_steps=1", "run.report=false")
 
 
+def check_gradient_by_finite_differences(model, module: str, sink: int, n_checks: int | None = None) -> None:
+    """The gradient of a random linear function of `forward`'s hidden states after the sink with
+    respect to one memory-path module's params (e.g. "write_gate") is finite, non-zero, and equals
+    central differences at `n_checks` random coordinates (default: all). Call under jax.enable_x64."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    n = sink + 4 * model.memory_config.window
+    tokens = jnp.asarray(random_tokens((1, n), seed=5))
+    graph, params, rest = nnx.split(model, nnx.PathContains(module), ...)
+    weights = jnp.asarray(np.random.RandomState(1).randn(1, n - sink, model.config.d_model))
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graph, p, rest).forward(tokens)[:, sink:] * weights) / weights.size
+
+    flat_p, unravel = jax.flatten_util.ravel_pytree(params)
+    flat_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(params))[0]
+    assert np.all(np.isfinite(flat_g)) and np.abs(flat_g).max() > 0
+    f = jax.jit(lambda p: loss(unravel(p)))
+    picks = range(flat_p.size) if n_checks is None else np.random.RandomState(0).choice(flat_p.size, n_checks, replace=False)
+    for i in picks:
+        e = jnp.zeros_like(flat_p).at[i].set(1e-6)
+        np.testing.assert_allclose(flat_g[i], (f(flat_p + e) - f(flat_p - e)) / 2e-6, rtol=1e-5, atol=1e-10)
+
+
 def padded_inputs(sink: int, window: int, n_segments: int, seed: int = 0):
     """(tokens [2, N], valid [2, N]) for the equivalence tests: row 1 has padding at the end of
     segment 0, row 0 at the end of the last segment."""

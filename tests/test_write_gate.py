@@ -11,12 +11,11 @@ import pytest
 from flax import nnx
 
 import eijax
-from eijax.testing import (memory_write_reference, padded_inputs, random_tokens, randomise_memory_path,
-                           segment_loop, tiny_eijax_model)
+from eijax.testing import (check_gradient_by_finite_differences, memory_write_reference, padded_inputs,
+                           randomise_memory_path, segment_loop, tiny_eijax_model)
 from eijax.trained import CheckpointMismatch, init_from_trained, save_memory_file
 
 S, L, N_SEG = 3, 6, 4
-N = S + N_SEG * L
 fwd = nnx.jit(lambda m, t, v: m.forward(t, v))
 
 
@@ -84,20 +83,7 @@ def test_gradient_reaches_write_gate_and_matches_finite_differences():
     with jax.enable_x64(True):
         model = _model("delta", True, adapter=True)
         randomise_memory_path(model)
-        tokens = jnp.asarray(random_tokens((1, N), seed=5))
-        graph, wg, rest = nnx.split(model, nnx.PathContains("write_gate"), ...)
-        weights = jnp.asarray(np.random.RandomState(1).randn(1, N - S, model.config.d_model))
-
-        def loss(p):
-            return jnp.sum(nnx.merge(graph, p, rest).forward(tokens)[:, S:] * weights) / weights.size
-
-        flat_p, unravel = jax.flatten_util.ravel_pytree(wg)
-        flat_g = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(loss))(wg))[0]
-        assert np.all(np.isfinite(flat_g)) and np.abs(flat_g).max() > 0
-        f = jax.jit(lambda p: loss(unravel(p)))
-        for i in np.random.RandomState(0).choice(flat_p.size, 6, replace=False):
-            e = jnp.zeros_like(flat_p).at[i].set(1e-6)
-            np.testing.assert_allclose(flat_g[i], (f(flat_p + e) - f(flat_p - e)) / 2e-6, rtol=1e-5, atol=1e-10)
+        check_gradient_by_finite_differences(model, "write_gate", S, n_checks=6)
 
 
 def test_warm_start_adds_a_fresh_write_gate_and_refuses_to_drop_one(tmp_path):
