@@ -272,7 +272,7 @@ class Block(nn.Module):
         self.gate = MemoryGate(cfg, mem)
         self.memory_adapter = MemoryAdapter(cfg) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg) if mem.write_gate else None
-        self.memory_decay = MemoryDecay(cfg) if mem.decay < 1.0 else None
+        self.memory_decay = MemoryDecay(cfg) if mem.decays else None
         self.memory_prior = MemoryPrior(cfg) if mem.prior else None  # read by the model's prime, not here
         self.mlp_norm = norm(cfg.d_model)
         self.mlp = MLP(cfg)

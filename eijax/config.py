@@ -185,6 +185,11 @@ class MemoryConfig:
     def cache_size(self) -> int:
         return self.sink + self.window
 
+    @property
+    def decays(self) -> bool:
+        """The memory has a learned retention (a `memory_decay` parameter): decay < 1."""
+        return self.decay < 1.0
+
     def resolved_remat(self) -> str:
         """The remat policy in force: "auto" resolved for the default JAX backend (see `remat`)."""
         return _by_backend(self.remat, cpu="none", accelerator="segment")

@@ -308,7 +308,7 @@ class Block(nnx.Module):
         self.key_conv = (MemoryKeyConv(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
                          if mem.key_conv else None)
         self.memory_decay = (MemoryDecay(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
-                             if mem.decay < 1.0 else None)
+                             if mem.decays else None)
         # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
         self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes) if mem.prior else None
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)

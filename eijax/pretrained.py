@@ -150,7 +150,7 @@ def model_from_hf_tensors(config: ModelConfig, memory: MemoryConfig, tensors: di
     if memory.key_conv:
         taps = MemoryKeyConv(config, memory, **lead, param_dtype=to_dtype(config.param_dtype))
         nnx.update(model.blocks.key_conv, nnx.state(taps))
-    if memory.decay < 1.0:
+    if memory.decays:
         decay = MemoryDecay(config, memory, **lead, param_dtype=to_dtype(config.param_dtype))
         nnx.update(model.blocks.memory_decay, nnx.state(decay))
     if memory.prior:  # zeros until primed (eijax.memory_prior) or loaded with a memory file

@@ -295,7 +295,7 @@ def init_from_trained(model, source: str | Path) -> list[str]:
         diff.append("write_gate: True vs False")
     if saved.key_conv and saved.key_conv != have.key_conv:  # none saved: a warm start from the tokens' own keys
         diff.append(f"key_conv: {saved.key_conv} vs {have.key_conv}")
-    if saved.decay < 1.0 and have.decay == 1.0:  # none saved: a warm start from the run's decay
+    if saved.decays and not have.decays:  # none saved: a warm start from the run's decay
         diff.append(f"decay: {saved.decay} vs {have.decay}")
     if diff:
         raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
