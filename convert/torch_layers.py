@@ -204,14 +204,17 @@ class MemoryWriteGate(nn.Module):
 
 
 class MemoryDecay(nn.Module):
-    """eijax's memory retention per fold (MemoryConfig.decay): γ = σ(logit) per KV head."""
+    """eijax's memory retention per fold (MemoryConfig.decay): γ = σ(logit) per KV head, the first
+    `decay_keep_heads` fixed at 1."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
         super().__init__()
-        self.logit = nn.Parameter(torch.zeros(cfg.n_kv_heads))
+        self.keep = mem.decay_keep_heads
+        self.logit = nn.Parameter(torch.zeros(cfg.n_kv_heads - self.keep))
 
     def forward(self) -> torch.Tensor:
-        return torch.sigmoid(self.logit.float())
+        gamma = torch.sigmoid(self.logit.float())
+        return torch.cat([torch.ones(self.keep, dtype=gamma.dtype), gamma])
 
 
 class MemoryPrior(nn.Module):
@@ -272,7 +275,7 @@ class Block(nn.Module):
         self.gate = MemoryGate(cfg, mem)
         self.memory_adapter = MemoryAdapter(cfg) if mem.adapter else None
         self.write_gate = MemoryWriteGate(cfg) if mem.write_gate else None
-        self.memory_decay = MemoryDecay(cfg) if mem.decays else None
+        self.memory_decay = MemoryDecay(cfg, mem) if mem.decays else None
         self.memory_prior = MemoryPrior(cfg) if mem.prior else None  # read by the model's prime, not here
         self.mlp_norm = norm(cfg.d_model)
         self.mlp = MLP(cfg)

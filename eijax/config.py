@@ -151,6 +151,10 @@ class MemoryConfig:
     # weighs recent windows more (a window folded n writes ago by γ^n against the newest). `decay` is
     # γ's start for every head; 1.0 = off (no parameter: the plain memory, which weighs every window alike).
     decay: float = 1.0
+    # A split memory: the first `decay_keep_heads` KV heads of every layer keep every window (γ fixed
+    # at 1, no parameter), the others forget at their learned γ. Untrained, one remembering head of
+    # SmolLM2's three kept long recall that a memory decayed everywhere lost (docs/memory-training.md).
+    decay_keep_heads: int = 0
     # Recompute in the backward (EdgeInfiniteLM.forward): "layer" each layer's pass from its input,
     # "segment" each group of segments (sink, segment 0, the full segments, the last) from its input,
     # "both" nested. "auto": none on CPU (memory is plentiful there and a third of the step's FLOPs
@@ -174,6 +178,9 @@ class MemoryConfig:
             raise ValueError(f"gate_init must lie in (0, 1), got {self.gate_init}")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay is a retention per fold in (0, 1] (1 = off), got {self.decay}")
+        if self.decay_keep_heads < 0 or (self.decay_keep_heads and not self.decays):
+            raise ValueError(f"decay_keep_heads is a number of KV heads >= 0 that keep everything while the others "
+                             f"decay (needs decay < 1), got {self.decay_keep_heads} with decay {self.decay}")
         if self.key_conv < 0 or self.key_conv == 1:
             raise ValueError(f"key_conv is 0 (off) or a number of taps >= 2, got {self.key_conv}")
         if self.remat not in get_args(RematPolicy):

@@ -160,16 +160,23 @@ class MemoryWriteGate(nnx.Module):
 
 
 class MemoryDecay(nnx.Module):
-    """Retention of the memory per fold (MemoryConfig.decay): γ = σ(logit) [Hkv] per layer, every head
-    starting at `decay` (see `memory.write`)."""
+    """Retention of the memory per fold (MemoryConfig.decay): γ = σ(logit) per layer for every KV head
+    but the first `decay_keep_heads`, which keep γ = 1 (no parameter); the learned ones start at
+    `decay` (see `memory.write`)."""
 
     def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, param_dtype):
+        self.keep = mem.decay_keep_heads
+        if self.keep >= cfg.n_kv_heads:
+            raise ValueError(f"decay_keep_heads must leave a KV head to decay: {self.keep} of {cfg.n_kv_heads}")
         logit = math.log(mem.decay / (1.0 - mem.decay))
-        self.logit = nnx.Param(jnp.full((*lead, cfg.n_kv_heads), logit, param_dtype), axes=(*lead_axes, "kv_heads_n"))
+        self.logit = nnx.Param(jnp.full((*lead, cfg.n_kv_heads - self.keep), logit, param_dtype),
+                               axes=(*lead_axes, "kv_heads_n"))
 
     def retain(self) -> jax.Array:
+        """γ [..., Hkv]: ones for the kept heads, then σ(logit)."""
         logit = self.logit[...]
-        return jax.nn.sigmoid(logit.astype(jnp.promote_types(logit.dtype, jnp.float32)))
+        gamma = jax.nn.sigmoid(logit.astype(jnp.promote_types(logit.dtype, jnp.float32)))
+        return jnp.concatenate([jnp.ones((*gamma.shape[:-1], self.keep), gamma.dtype), gamma], axis=-1)
 
 
 class MemoryKeyConv(nnx.Module):

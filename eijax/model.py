@@ -486,7 +486,7 @@ def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfin
     old = model.memory_config
     if memory == old:
         return model
-    fields = ("gate", "adapter", "write_gate", "prior", "key_conv", "decay")
+    fields = ("gate", "adapter", "write_gate", "prior", "key_conv", "decay", "decay_keep_heads")
     if any(getattr(memory, f) != getattr(old, f) for f in fields):
         raise ValueError("gate/adapter/write_gate change the parameters: have "
                          + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "

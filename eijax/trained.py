@@ -153,7 +153,7 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
                                write_gate=saved.write_gate, prior=saved.prior, key_conv=saved.key_conv,
-                               decay=saved.decay, rule=saved.rule, eps=saved.eps)
+                               decay=saved.decay, decay_keep_heads=saved.decay_keep_heads, rule=saved.rule, eps=saved.eps)
 
 
 def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | None):
@@ -297,6 +297,8 @@ def init_from_trained(model, source: str | Path) -> list[str]:
         diff.append(f"key_conv: {saved.key_conv} vs {have.key_conv}")
     if saved.decays and not have.decays:  # none saved: a warm start from the run's decay
         diff.append(f"decay: {saved.decay} vs {have.decay}")
+    if saved.decays and have.decays and saved.decay_keep_heads != have.decay_keep_heads:  # another logit shape
+        diff.append(f"decay_keep_heads: {saved.decay_keep_heads} vs {have.decay_keep_heads}")
     if diff:
         raise CheckpointMismatch(f"{source} was trained with another memory path than this run's "
                                  f"(trained vs run: {', '.join(diff)})")

@@ -33,10 +33,10 @@ BOUNDS = {  # recipe: (max logit rel err, min next-token agreement)
 
 
 def _model_with_gate():
-    """The whole memory path: gate, adapter, write gate, decay and a memory prior (whose file travels
-    with every recipe's graph: the runner primes long prompts from it)."""
+    """The whole memory path: gate, adapter, write gate, a split decay (KV head 0 keeps everything) and
+    a memory prior (whose file travels with every recipe's graph: the runner primes long prompts from it)."""
     model = tiny_eijax_model("llama", eijax.MemoryConfig(sink=4, window=16, adapter=True, write_gate=True, prior=True,
-                                                         decay=0.7))
+                                                         decay=0.7, decay_keep_heads=1))
     randomise_memory_path(model)
     prime(model, random_tokens((4 + 16,), vocab=VOCAB, seed=12).tolist())
     return model

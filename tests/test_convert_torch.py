@@ -62,16 +62,16 @@ _prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
 _compress = nnx.jit(lambda m, s: m.compress(s))
 
 
-@pytest.mark.parametrize("family,rule,adapter,write_gate,prior,decay", [
-    ("llama", "linear", False, True, False, 1.0), ("qwen2", "delta", False, False, False, 0.7),
-    ("qwen3", "delta", True, True, True, 0.6), ("gemma3", "delta", True, False, True, 1.0)])
-def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate, prior, decay):
+@pytest.mark.parametrize("family,rule,adapter,write_gate,prior,decay,keep", [
+    ("llama", "linear", False, True, False, 1.0, 0), ("qwen2", "delta", False, False, False, 0.7, 0),
+    ("qwen3", "delta", True, True, True, 0.6, 1), ("gemma3", "delta", True, False, True, 1.0, 0)])
+def test_torch_twin_matches_jax_over_segments(family, rule, adapter, write_gate, prior, decay, keep):
     """Sink, chunked segments with padding, three compresses, then decode steps (batch 2). gemma3:
     memory in its global layer, the local layers' history (4 tokens) rolled at every compress.
     With a memory prior, both start the memory from it after the sink; with a decay, both scale it
-    by the same learned retention at every compress."""
+    by the same learned retention at every compress (qwen3: KV head 0 keeps everything)."""
     mem = eijax.MemoryConfig(sink=4, window=8, rule=rule, adapter=adapter, write_gate=write_gate, prior=prior,
-                             decay=decay)
+                             decay=decay, decay_keep_heads=keep)
     model = tiny_eijax_model(family, mem)
     randomise_memory_path(model)
     if prior:

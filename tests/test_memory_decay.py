@@ -30,6 +30,11 @@ def test_config_rejects_a_retention_outside_0_1():
         with pytest.raises(ValueError, match="decay"):
             eijax.MemoryConfig(decay=bad)
     assert _model("delta", 1.0).blocks.memory_decay is None  # off: no parameter at all
+    for bad in ({"decay_keep_heads": -1, "decay": 0.5}, {"decay_keep_heads": 1}):  # kept heads need a decay
+        with pytest.raises(ValueError, match="decay_keep_heads"):
+            eijax.MemoryConfig(**bad)
+    with pytest.raises(ValueError, match="leave a KV head"):  # the tiny llama has 2 KV heads
+        _model("delta", 0.5, decay_keep_heads=2)
 
 
 def test_fresh_decay_starts_every_head_at_its_config_value():
@@ -37,14 +42,17 @@ def test_fresh_decay_starts_every_head_at_its_config_value():
     np.testing.assert_allclose(np.asarray(model.blocks.memory_decay.retain()), 0.7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("rule", ["linear", "delta"])
-def test_memory_equals_the_decayed_reference(rule):
-    """Every segment's write (padding included) against NumPy float64, with a random γ per layer and head."""
+@pytest.mark.parametrize("rule,keep", [("linear", 0), ("delta", 0), ("delta", 1)])
+def test_memory_equals_the_decayed_reference(rule, keep):
+    """Every segment's write (padding included) against NumPy float64, with a random γ per layer and
+    head; keep = 1: KV head 0 has no parameter and γ exactly 1 (a split memory)."""
     with jax.enable_x64(True):
-        model = _model(rule, 0.6, family="qwen3", write_gate=True)
+        model = _model(rule, 0.6, family="qwen3", write_gate=True, decay_keep_heads=keep)
         randomise_memory_path(model, scale=0.5)
         retain = np.asarray(model.blocks.memory_decay.retain())
-        assert retain.std() > 0.02  # the heads really differ
+        assert model.blocks.memory_decay.logit[...].shape[-1] == retain.shape[-1] - keep
+        assert (retain[:, :keep] == 1.0).all() and (retain[:, keep:] < 0.99).all()
+        assert retain[:, keep:].std() > 0.02  # the heads really differ
         wg = (np.asarray(model.blocks.write_gate.w[...]), np.asarray(model.blocks.write_gate.b[...]))
         tokens, valid = padded_inputs(S, L, N_SEG, 1)
         hidden, windows, memories, final = segment_loop(model, tokens, valid)
@@ -111,6 +119,10 @@ def test_warm_start_adds_a_fresh_decay_and_refuses_to_drop_one(tmp_path):
     save_memory_file(new, ["gate", "memory_adapter", "memory_decay"], tmp_path / "new", "tiny")
     with pytest.raises(CheckpointMismatch, match="decay: 0.5 vs 1.0"):
         init_from_trained(old, tmp_path / "new")
+    split = tiny_eijax_model("llama", eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True, decay=0.5,
+                                                         decay_keep_heads=1))
+    with pytest.raises(CheckpointMismatch, match="decay_keep_heads: 0 vs 1"):  # another logit shape
+        init_from_trained(split, tmp_path / "new")
     with pytest.raises(ValueError, match="decay"):
         eijax.with_memory_config(new, eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True))
     again = tiny_eijax_model("llama", eijax.MemoryConfig(sink=S, window=L, rule="delta", adapter=True, decay=0.9))
