@@ -149,14 +149,15 @@ def _jitted_steps():
     prefill = nnx.jit(lambda m, s, t, v: m.prefill(s, t, v))
     window = nnx.jit(lambda m, s, t, v: m.prefill(s._replace(fill=jnp.asarray(m.memory_config.sink, jnp.int32)), t, v))
     step = nnx.jit(lambda m, s, t, v: m.step_segment(s, t, v))
-    return prefill, window, step
+    forward = nnx.jit(lambda m, t, v: m.forward(t, v))
+    return prefill, window, step, forward
 
 
 def segment_loop(model, tokens, valid):
     """A plain Python loop over segments, the reference for the scanned `forward`. Returns (hidden
     [B, N, D], per segment (k, v, valid) of the window before compress, the memory before each
     segment, the final state)."""
-    prefill, window, step = _jitted_steps()
+    prefill, window, step, _ = _jitted_steps()
     s, w = model.memory_config.sink, model.memory_config.window
     state = model.init_state(tokens.shape[0])
     h, state = prefill(model, state, tokens[:, :s], valid[:, :s])
@@ -172,6 +173,34 @@ def segment_loop(model, tokens, valid):
         h, state = step(model, state, tokens[:, sl], valid[:, sl])
         hidden.append(h)
     return np.concatenate(hidden, axis=1), windows, memories, state
+
+
+def check_streamed_memory(model, tokens, valid, writes=None, **reference):
+    """What every memory feature is held to (run under jax.enable_x64): the segment-by-segment stream
+    (`segment_loop`) equals the scanned `forward`, and the memory before each segment and after the last
+    equals `memory_write_reference` folded over the windows in float64 (`reference`: its keyword
+    arguments; `writes(windows)`: the (k, v, valid) actually written when they are not the cached
+    k, v, e.g. convolved and adapted keys). Returns (the recorded windows, the final state)."""
+    hidden, windows, memories, final = segment_loop(model, tokens, valid)
+    np.testing.assert_allclose(hidden, np.asarray(_jitted_steps()[3](model, tokens, valid)), rtol=1e-10, atol=1e-10)
+    folded = fold_memory_reference(windows if writes is None else writes(windows), model.memory_config.rule,
+                                   model.memory_config.eps, **reference)
+    for before, (M, z) in zip([*memories, final.memory], folded, strict=True):
+        np.testing.assert_allclose(before.M, M, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(before.z, z, rtol=1e-9, atol=1e-12)
+    return windows, final
+
+
+def fold_memory_reference(windows, rule: str, eps: float, **reference) -> list:
+    """`memory_write_reference` over windows [(k, v, valid)] from an empty memory: the memory before
+    each window and after the last, [(M, z)]."""
+    nl, b, _, hkv, d = windows[0][0].shape
+    M, z = np.zeros((nl, b, hkv, d, windows[0][1].shape[-1])), np.zeros((nl, b, hkv, d))
+    out = [(M, z)]
+    for k, v, m in windows:
+        M, z = memory_write_reference(M, z, k, v, m, rule, eps, **reference)
+        out.append((M, z))
+    return out
 
 
 def memory_write_reference(M, z, k, v, valid, rule: str, eps: float, layers=None, write_gate=None, retain=None):

@@ -10,7 +10,7 @@ from flax import nnx
 
 import eijax
 from eijax.layers import MEMORY_PATH
-from eijax.testing import (memory_write_reference, padded_inputs, random_tokens, randomise_memory_path, segment_loop,
+from eijax.testing import (check_streamed_memory, padded_inputs, random_tokens, randomise_memory_path, segment_loop,
                            tiny_eijax_model)
 from eijax.trained import param_filter
 
@@ -40,19 +40,8 @@ def _inputs(seed=0):
 def test_scan_equals_python_loop_and_memory_references(family, rule, gate):
     with jax.enable_x64(True):
         model = _model(family, rule, gate)
-        tokens, valid = _inputs()
-        scanned = np.asarray(nnx.jit(lambda m, t, v: m.forward(t, v))(model, tokens, valid))
-        looped, windows, memories, final = segment_loop(model, tokens, valid)
-        np.testing.assert_allclose(scanned, looped, rtol=1e-10, atol=1e-10)
-
         # Memory after each segment == float64 reference over the recorded pre-RoPE window keys.
-        M = np.zeros(final.memory.M.shape)
-        z = np.zeros(final.memory.z.shape)
-        for s, (k, v, m) in enumerate(windows):
-            np.testing.assert_allclose(memories[s].M, M, rtol=1e-10, atol=1e-12)
-            M, z = memory_write_reference(M, z, k, v, m, rule, model.memory_config.eps)
-        np.testing.assert_allclose(final.memory.M, M, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(final.memory.z, z, rtol=1e-9, atol=1e-12)
+        check_streamed_memory(model, *_inputs())
 
 
 def test_causality_later_segment_changes_nothing_earlier():
