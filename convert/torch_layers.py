@@ -214,7 +214,7 @@ class MemoryDecay(nn.Module):
 
     def forward(self) -> torch.Tensor:
         gamma = torch.sigmoid(self.logit.float())
-        return torch.cat([torch.ones(self.keep, dtype=gamma.dtype), gamma])
+        return torch.cat([gamma.new_ones(self.keep), gamma])
 
 
 class MemoryPrior(nn.Module):

@@ -488,7 +488,7 @@ def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfin
         return model
     fields = ("gate", "adapter", "write_gate", "prior", "key_conv", "decay", "decay_keep_heads")
     if any(getattr(memory, f) != getattr(old, f) for f in fields):
-        raise ValueError("gate/adapter/write_gate change the parameters: have "
+        raise ValueError("these memory-path fields shape the parameters and must match: have "
                          + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "
                          + ", ".join(f"{f}={getattr(memory, f)!r}" for f in fields))
     twin = nnx.eval_shape(lambda: EdgeInfiniteLM(model.config, memory, rngs=nnx.Rngs(0)))

@@ -90,7 +90,7 @@ def gate_stats(trainable: dict) -> dict[str, float]:
         out["write_strength_at_zero/all"] = float((2 / (1 + np.exp(-b))).mean())
         out["write_gate_w_norm"] = float(np.sqrt((np.asarray(jax.device_get(write_gate["w"]), np.float64) ** 2).sum()))
     decay = trainable.get("blocks", {}).get("memory_decay", {})
-    if decay:  # the retention per fold: its range over heads, and the layers' mean
+    if decay:  # the retention per fold of the learned heads (kept ones are 1): its range, and the mean
         g = 1 / (1 + np.exp(-np.asarray(jax.device_get(decay["logit"]), np.float64)))
         out.update({"retain/min": float(g.min()), "retain/mean": float(g.mean()), "retain/max": float(g.max())})
     return out
