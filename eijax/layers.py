@@ -191,6 +191,22 @@ class MemoryKeyConv(nnx.Module):
         self.taps = nnx.Param(jnp.asarray(taps, param_dtype), axes=(*lead_axes, "kv_heads_n", "conv_taps"))
 
 
+def memory_path_modules(cfg: ModelConfig, mem: MemoryConfig, *, lead: tuple[int, ...]) -> dict[str, nnx.Module | None]:
+    """The memory path's modules of a Block, by their MEMORY_PATH names, at their initial values (all
+    deterministic: identity maps, zeros and configured constants); None where `mem` leaves one out."""
+    kw = dict(lead=lead, lead_axes=("layers",) * len(lead))
+    pd = to_dtype(cfg.param_dtype)
+    return {
+        "gate": MemoryGate(cfg, mem, **kw, rngs=nnx.Rngs(0)),
+        "memory_adapter": MemoryAdapter(cfg, **kw, param_dtype=pd) if mem.adapter else None,
+        "write_gate": MemoryWriteGate(cfg, **kw, param_dtype=pd) if mem.write_gate else None,
+        # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
+        "memory_prior": MemoryPrior(cfg, **kw) if mem.prior else None,
+        "key_conv": MemoryKeyConv(cfg, mem, **kw, param_dtype=pd) if mem.key_conv else None,
+        "memory_decay": MemoryDecay(cfg, mem, **kw, param_dtype=pd) if mem.decays else None,
+    }
+
+
 def adapt(x: jax.Array, maps: jax.Array) -> jax.Array:
     """x [B, T, heads, d] @ maps [heads, d, d] per head."""
     return jnp.einsum("bthd,hde->bthe", x, maps.astype(x.dtype))
@@ -309,15 +325,8 @@ class Block(nnx.Module):
             self.k_norm = RMSNorm(d, "head_dim", **nkw)
         else:
             self.q_norm = self.k_norm = None
-        self.gate = MemoryGate(cfg, mem, lead=lead, lead_axes=lead_axes, rngs=rngs)
-        self.memory_adapter = MemoryAdapter(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.adapter else None
-        self.write_gate = MemoryWriteGate(cfg, lead=lead, lead_axes=lead_axes, param_dtype=pd) if mem.write_gate else None
-        self.key_conv = (MemoryKeyConv(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
-                         if mem.key_conv else None)
-        self.memory_decay = (MemoryDecay(cfg, mem, lead=lead, lead_axes=lead_axes, param_dtype=pd)
-                             if mem.decays else None)
-        # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
-        self.memory_prior = MemoryPrior(cfg, lead=lead, lead_axes=lead_axes) if mem.prior else None
+        for name, module in memory_path_modules(cfg, mem, lead=lead).items():
+            setattr(self, name, module)
         self.mlp_norm = RMSNorm(cfg.d_model, "embed", **nkw)
         self.mlp = MLP(cfg, lead=lead, lead_axes=lead_axes, rngs=rngs)
         if cfg.gemma:  # Gemma normalises the attention and MLP outputs too, before the residual add

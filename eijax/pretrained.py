@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from eijax.cli import InputError
-from eijax.config import HF_ARCHITECTURE_CLASS, HF_MODEL_TYPE, MemoryConfig, ModelConfig, model_config_from_hf, to_dtype
-from eijax.layers import MemoryAdapter, MemoryDecay, MemoryGate, MemoryKeyConv, MemoryPrior, MemoryWriteGate
+from eijax.config import HF_ARCHITECTURE_CLASS, HF_MODEL_TYPE, MemoryConfig, ModelConfig, model_config_from_hf
+from eijax.layers import memory_path_modules
 from eijax.model import EdgeInfiniteLM
 
 # eijax path inside `blocks` -> (HF name with {i} for the layer, transpose to [in, out]?)
@@ -136,25 +136,12 @@ def load_pretrained(name_or_path: str | os.PathLike, memory: MemoryConfig | None
 
 def model_from_hf_tensors(config: ModelConfig, memory: MemoryConfig, tensors: dict[str, np.ndarray]) -> EdgeInfiniteLM:
     """Build the model without random-initialising the base (it is overwritten): abstract shapes,
-    then the gate's deterministic initial values, then the checkpoint tensors."""
+    then the memory path's deterministic initial values (a prior stays zeros until primed or loaded
+    from a memory file), then the checkpoint tensors."""
     model = nnx.eval_shape(lambda: build_model(config, memory))
-    lead = dict(lead=(config.n_layers,), lead_axes=("layers",))
-    gate = MemoryGate(config, memory, **lead, rngs=nnx.Rngs(0))  # constants only
-    nnx.update(model.blocks.gate, nnx.state(gate))
-    if memory.adapter:
-        adapter = MemoryAdapter(config, **lead, param_dtype=to_dtype(config.param_dtype))
-        nnx.update(model.blocks.memory_adapter, nnx.state(adapter))
-    if memory.write_gate:
-        write_gate = MemoryWriteGate(config, **lead, param_dtype=to_dtype(config.param_dtype))
-        nnx.update(model.blocks.write_gate, nnx.state(write_gate))
-    if memory.key_conv:
-        taps = MemoryKeyConv(config, memory, **lead, param_dtype=to_dtype(config.param_dtype))
-        nnx.update(model.blocks.key_conv, nnx.state(taps))
-    if memory.decays:
-        decay = MemoryDecay(config, memory, **lead, param_dtype=to_dtype(config.param_dtype))
-        nnx.update(model.blocks.memory_decay, nnx.state(decay))
-    if memory.prior:  # zeros until primed (eijax.memory_prior) or loaded with a memory file
-        nnx.update(model.blocks.memory_prior, nnx.state(MemoryPrior(config, **lead)))
+    for name, module in memory_path_modules(config, memory, lead=(config.n_layers,)).items():
+        if module is not None:
+            nnx.update(getattr(model.blocks, name), nnx.state(module))
     params_from_hf(model, tensors)
     return model
 
