@@ -88,11 +88,11 @@ class MLP(nnx.Module):
 class MemoryGate(nnx.Module):
     """Mixes memory and local attention per token and head (DESIGN §1.2), in the memory's float32."""
 
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, param_dtype):
         h, d = cfg.n_heads, cfg.head_dim
         bias0 = math.log(mem.gate_init / (1.0 - mem.gate_init))  # sigmoid(bias0) == gate_init
         self.kind = mem.gate
-        pd = to_dtype(cfg.param_dtype)
+        pd = param_dtype
         if mem.gate == "linear":
             self.kernel = _param(None, (*lead, 2 * h * d, h), (*lead_axes, "gate_in", "gate_heads"), pd, "zeros")
             self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
@@ -194,16 +194,16 @@ class MemoryKeyConv(nnx.Module):
 def memory_path_modules(cfg: ModelConfig, mem: MemoryConfig, *, lead: tuple[int, ...]) -> dict[str, nnx.Module | None]:
     """The memory path's modules of a Block, by their MEMORY_PATH names, at their initial values (all
     deterministic: identity maps, zeros and configured constants); None where `mem` leaves one out."""
-    kw = dict(lead=lead, lead_axes=("layers",) * len(lead))
-    pd = to_dtype(cfg.param_dtype)
+    axes = dict(lead=lead, lead_axes=("layers",) * len(lead))
+    kw = dict(axes, param_dtype=to_dtype(cfg.param_dtype))
     return {
-        "gate": MemoryGate(cfg, mem, **kw, rngs=nnx.Rngs(0)),
-        "memory_adapter": MemoryAdapter(cfg, **kw, param_dtype=pd) if mem.adapter else None,
-        "write_gate": MemoryWriteGate(cfg, **kw, param_dtype=pd) if mem.write_gate else None,
+        "gate": MemoryGate(cfg, mem, **kw),
+        "memory_adapter": MemoryAdapter(cfg, **kw) if mem.adapter else None,
+        "write_gate": MemoryWriteGate(cfg, **kw) if mem.write_gate else None,
         # used by the model at the start of a long prompt (EdgeInfiniteLM.prime), never inside the layer
-        "memory_prior": MemoryPrior(cfg, **kw) if mem.prior else None,
-        "key_conv": MemoryKeyConv(cfg, mem, **kw, param_dtype=pd) if mem.key_conv else None,
-        "memory_decay": MemoryDecay(cfg, mem, **kw, param_dtype=pd) if mem.decays else None,
+        "memory_prior": MemoryPrior(cfg, **axes) if mem.prior else None,
+        "key_conv": MemoryKeyConv(cfg, mem, **kw) if mem.key_conv else None,
+        "memory_decay": MemoryDecay(cfg, mem, **kw) if mem.decays else None,
     }
 
 

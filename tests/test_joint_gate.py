@@ -35,7 +35,7 @@ def test_gate_is_the_memory_share_of_one_softmax():
     """σ(c + log_mass) with log_mass = log(mass) - lse: for c = 0 the memory weighs what a softmax over
     the window's keys plus one extra key of that mass would give it."""
     cfg = tiny_eijax_model("llama", MEM).config
-    gate = MemoryGate(cfg, MEM, lead=(), lead_axes=(), rngs=nnx.Rngs(0))
+    gate = MemoryGate(cfg, MEM, lead=(), lead_axes=(), param_dtype=jnp.float32)
     gate.bias.value = jnp.zeros_like(gate.bias.value)
     rng = np.random.default_rng(0)
     h, d = cfg.n_heads, cfg.head_dim
