@@ -92,17 +92,16 @@ class MemoryGate(nnx.Module):
         h, d = cfg.n_heads, cfg.head_dim
         bias0 = math.log(mem.gate_init / (1.0 - mem.gate_init))  # sigmoid(bias0) == gate_init
         self.kind = mem.gate
-        pd = param_dtype
         if mem.gate == "linear":
-            self.kernel = _param(None, (*lead, 2 * h * d, h), (*lead_axes, "gate_in", "gate_heads"), pd, "zeros")
-            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+            self.kernel = _param(None, (*lead, 2 * h * d, h), (*lead_axes, "gate_in", "gate_heads"), param_dtype, "zeros")
+            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), param_dtype, bias0)
         elif mem.gate == "head_linear":
-            self.kernel = _param(None, (*lead, h, 2 * d), (*lead_axes, "gate_heads", "gate_in"), pd, "zeros")
-            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+            self.kernel = _param(None, (*lead, h, 2 * d), (*lead_axes, "gate_heads", "gate_in"), param_dtype, "zeros")
+            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), param_dtype, bias0)
         elif mem.gate == "joint":  # log c per head: the memory's mass against the window's
-            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+            self.bias = _param(None, (*lead, h), (*lead_axes, "gate_heads"), param_dtype, bias0)
         else:
-            self.beta = _param(None, (*lead, h), (*lead_axes, "gate_heads"), pd, bias0)
+            self.beta = _param(None, (*lead, h), (*lead_axes, "gate_heads"), param_dtype, bias0)
 
     def __call__(self, a_mem: jax.Array, a_local: jax.Array, log_mass: jax.Array | None = None) -> jax.Array:
         """a_mem, a_local: [B, T, H, d]; log_mass [B, T, H] (the "joint" gate's input: log of the memory's
