@@ -113,7 +113,9 @@ def restore_params(model, checkpoint_dir: str | Path, step: int | None = None) -
         check_compatible(meta, model, None, f"{ckpt_dir}/{step}")
         patterns = meta.get("trainable_patterns", ["gate"])
         current = nnx.to_pure_dict(nnx.state(model, param_filter(patterns)))
-        check_shapes(manager.item_metadata(step)["trainable"], current, f"{ckpt_dir}/{step}")
+        # the handler's own metadata: the manager's would warn about opt_state and data, unneeded here
+        saved = ocp.StandardCheckpointHandler().metadata(ckpt_dir.absolute() / str(step) / "trainable")
+        check_shapes(saved, current, f"{ckpt_dir}/{step}")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                                 current)  # host arrays after a warm start from a memory file
         values = manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(abstract)))["trainable"]
