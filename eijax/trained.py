@@ -95,6 +95,18 @@ def check_shapes(saved: dict, expected: dict, where: str) -> None:
                                      f"the model expects {tuple(v.shape)}")
 
 
+def _read_only_manager(ckpt_dir: str | Path, **handlers: Any) -> ocp.CheckpointManager:
+    """An orbax manager that only reads, built without orbax's four warnings that it is read-only."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(Path(ckpt_dir).absolute(), item_handlers=handlers,
+                                     options=ocp.CheckpointManagerOptions(read_only=True))
+    finally:
+        absl_log.setLevel(level)
+
+
 def restore_params(model, checkpoint_dir: str | Path, step: int | None = None) -> int:
     """Load trained memory-path params from a run's checkpoint folder into `model` in place (for inference).
     Returns the step. Fails with CheckpointMismatch if the checkpoint belongs to another model."""
@@ -103,9 +115,8 @@ def restore_params(model, checkpoint_dir: str | Path, step: int | None = None) -
         step = int(directory.name) if step is None else step
         directory = directory.parent.parent
     ckpt_dir = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-    with ocp.CheckpointManager(ckpt_dir.absolute(), item_handlers={
-            "trainable": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with _read_only_manager(ckpt_dir, trainable=ocp.StandardCheckpointHandler(),
+                            meta=ocp.JsonCheckpointHandler()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise MissingInput(f"no checkpoint in {ckpt_dir}")
@@ -135,8 +146,7 @@ def training_checkpoint_dir(path: str | Path) -> Path | None:
 
 
 def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
-    with ocp.CheckpointManager(Path(ckpt_dir).absolute(), item_handlers={"meta": ocp.JsonCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    with _read_only_manager(ckpt_dir, meta=ocp.JsonCheckpointHandler()) as manager:
         step = manager.latest_step()
         if step is None:
             raise MissingInput(f"no checkpoint step in {ckpt_dir}")
