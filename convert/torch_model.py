@@ -103,9 +103,6 @@ class EdgeInfiniteTorch(nn.Module):
         if memory.key_conv:  # an experiment of the JAX model (MemoryConfig.key_conv), not in the shared semantics
             raise InputError(f"memory.key_conv={memory.key_conv}: the PyTorch twin and LiteRT graphs do not "
                              "implement the memory key convolution (JAX only)")
-        if memory.out_adapter:  # likewise (MemoryConfig.out_adapter)
-            raise InputError(f"memory.out_adapter={memory.out_adapter}: the PyTorch twin and LiteRT graphs do not "
-                             "implement the output adapter (JAX only)")
         if memory.gate == "joint":  # likewise (MemoryConfig.gate)
             raise InputError("memory.gate='joint': the PyTorch twin and LiteRT graphs do not implement the joint "
                              "gate (JAX only)")

@@ -155,11 +155,6 @@ class MemoryConfig:
     # at 1, no parameter), the others forget at their learned γ. Untrained, one remembering head of
     # SmolLM2's three kept long recall that a memory decayed everywhere lost (docs/memory-training.md).
     decay_keep_heads: int = 0
-    # An output adapter (docs/memory-training.md, "an adapter on the attention output"): each layer's
-    # attention output gets a rank-`out_adapter` update A·B of its o_proj, added only once the memory
-    # holds something, so inputs that fit sink + window stay exactly the base model. B starts at 0
-    # (no change until trained). 0 = off. JAX only: the PyTorch twin and LiteRT graphs refuse it.
-    out_adapter: int = 0
     # Recompute in the backward (EdgeInfiniteLM.forward): "layer" each layer's pass from its input,
     # "segment" each group of segments (sink, segment 0, the full segments, the last) from its input,
     # "both" nested. "auto": none on CPU (memory is plentiful there and a third of the step's FLOPs
@@ -186,8 +181,6 @@ class MemoryConfig:
         if self.decay_keep_heads < 0 or (self.decay_keep_heads and not self.decays):
             raise ValueError(f"decay_keep_heads is a number of KV heads >= 0 that keep everything while the others "
                              f"decay (needs decay < 1), got {self.decay_keep_heads} with decay {self.decay}")
-        if self.out_adapter < 0:
-            raise ValueError(f"out_adapter is a rank >= 0 (0 = off), got {self.out_adapter}")
         if self.key_conv < 0 or self.key_conv == 1:
             raise ValueError(f"key_conv is 0 (off) or a number of taps >= 2, got {self.key_conv}")
         if self.remat not in get_args(RematPolicy):

@@ -145,7 +145,7 @@ class MemoryPrior(nnx.Module):
 
 # The per-layer modules EdgeInfinite adds to the base model (Block attribute names): the memory path
 # of DESIGN §1.2, what trains, what a memory file holds and what the twin keeps beside the base weights.
-MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior", "key_conv", "memory_decay", "out_adapter")
+MEMORY_PATH = ("gate", "memory_adapter", "write_gate", "memory_prior", "key_conv", "memory_decay")
 
 
 class MemoryWriteGate(nnx.Module):
@@ -190,22 +190,6 @@ class MemoryKeyConv(nnx.Module):
         self.taps = nnx.Param(jnp.asarray(taps, param_dtype), axes=(*lead_axes, "kv_heads_n", "conv_taps"))
 
 
-class MemoryOutAdapter(nnx.Module):
-    """Low-rank update of the attention output projection while the memory holds something
-    (MemoryConfig.out_adapter): a [H*d, r] from a fixed seed (scaled 1/sqrt(H*d)), b [r, D] zeros, so a
-    fresh adapter adds exactly 0 and the gradient reaches b first."""
-
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig, *, lead, lead_axes, param_dtype):
-        fan_in, r = cfg.n_heads * cfg.head_dim, mem.out_adapter
-        a = jax.random.normal(jax.random.key(0), (*lead, fan_in, r), jnp.float32) / math.sqrt(fan_in)
-        self.a = nnx.Param(a.astype(param_dtype), axes=(*lead_axes, "q_heads", "adapter_rank"))
-        self.b = nnx.Param(jnp.zeros((*lead, r, cfg.d_model), param_dtype), axes=(*lead_axes, "adapter_rank", "embed"))
-
-    def __call__(self, out: jax.Array) -> jax.Array:
-        """out [B, T, H*d] (the attention output before o_proj) -> the update [B, T, D]."""
-        return (out @ self.a[...].astype(out.dtype)) @ self.b[...].astype(out.dtype)
-
-
 def memory_path_modules(cfg: ModelConfig, mem: MemoryConfig, *, lead: tuple[int, ...]) -> dict[str, nnx.Module | None]:
     """The memory path's modules of a Block, by their MEMORY_PATH names, at their initial values (all
     deterministic: identity maps, zeros and configured constants); None where `mem` leaves one out."""
@@ -219,7 +203,6 @@ def memory_path_modules(cfg: ModelConfig, mem: MemoryConfig, *, lead: tuple[int,
         "memory_prior": MemoryPrior(cfg, **axes) if mem.prior else None,
         "key_conv": MemoryKeyConv(cfg, mem, **kw) if mem.key_conv else None,
         "memory_decay": MemoryDecay(cfg, mem, **kw) if mem.decays else None,
-        "out_adapter": MemoryOutAdapter(cfg, mem, **kw) if mem.out_adapter else None,
     }
 
 
@@ -424,9 +407,6 @@ class Block(nnx.Module):
                                global_attention)
         b, _, h, d = out.shape
         attn = self.o_proj(out.reshape(b, t, h * d))
-        if self.out_adapter is not None and self.use_memory:  # only once the memory holds something
-            update = self.out_adapter(out.reshape(b, t, h * d))
-            attn = attn + jnp.where(written[:, None, None], update, 0).astype(attn.dtype)
         if self.post_attn_norm is not None:
             attn = self.post_attn_norm(attn)
         x = x + attn

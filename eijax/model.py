@@ -481,12 +481,12 @@ def fold_window(memory: mem_lib.Memory, k: jax.Array, v: jax.Array, window_valid
 
 def with_memory_config(model: EdgeInfiniteLM, memory: MemoryConfig) -> EdgeInfiniteLM:
     """The same parameter arrays (shared, not copied) under another MemoryConfig, e.g. another
-    sink/window or memory off for the baselines. Gate type, adapter, write gate, prior, key_conv, decay and
-    out_adapter are parameters: they must match."""
+    sink/window or memory off for the baselines. Gate type, adapter, write gate, prior, key_conv and decay are
+    parameters: they must match."""
     old = model.memory_config
     if memory == old:
         return model
-    fields = ("gate", "adapter", "write_gate", "prior", "key_conv", "decay", "decay_keep_heads", "out_adapter")
+    fields = ("gate", "adapter", "write_gate", "prior", "key_conv", "decay", "decay_keep_heads")
     if any(getattr(memory, f) != getattr(old, f) for f in fields):
         raise ValueError("these memory-path fields shape the parameters and must match: have "
                          + ", ".join(f"{f}={getattr(old, f)!r}" for f in fields) + "; asked "

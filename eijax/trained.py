@@ -155,7 +155,7 @@ def read_training_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> MemoryConfig:
     """`override` (e.g. another sink/window for inference) with what the trained weights need kept:
-    gate type, adapter, write gate, prior, key convolution, decay, output adapter, memory rule and eps."""
+    gate type, adapter, write gate, prior, key convolution, decay, memory rule and eps."""
     if override is None:
         return saved
     if override.enabled and saved.enabled and (override.sink, override.window) != (saved.sink, saved.window):
@@ -165,8 +165,7 @@ def trained_memory(saved: MemoryConfig, override: MemoryConfig | None) -> Memory
                     "which it was not trained for", saved.sink, saved.window, override.sink, override.window)
     return dataclasses.replace(override, gate=saved.gate, gate_init=saved.gate_init, adapter=saved.adapter,
                                write_gate=saved.write_gate, prior=saved.prior, key_conv=saved.key_conv,
-                               decay=saved.decay, decay_keep_heads=saved.decay_keep_heads, out_adapter=saved.out_adapter,
-                               rule=saved.rule, eps=saved.eps)
+                               decay=saved.decay, decay_keep_heads=saved.decay_keep_heads, rule=saved.rule, eps=saved.eps)
 
 
 def _load_run(run: str | Path, memory: MemoryConfig | None, base: str | Path | None):
@@ -308,8 +307,6 @@ def init_from_trained(model, source: str | Path) -> list[str]:
         diff.append("write_gate: True vs False")
     if saved.key_conv and saved.key_conv != have.key_conv:  # none saved: a warm start from the tokens' own keys
         diff.append(f"key_conv: {saved.key_conv} vs {have.key_conv}")
-    if saved.out_adapter and saved.out_adapter != have.out_adapter:  # none saved: a warm start adds a fresh one
-        diff.append(f"out_adapter: {saved.out_adapter} vs {have.out_adapter}")
     if saved.decays and not have.decays:  # none saved: a warm start from the run's decay
         diff.append(f"decay: {saved.decay} vs {have.decay}")
     if saved.decays and have.decays and saved.decay_keep_heads != have.decay_keep_heads:  # another logit shape
