@@ -228,8 +228,16 @@ def trained_geometry(source: str | Path) -> tuple[int, int]:
 
 
 def _saved_memory(meta: dict[str, Any]) -> MemoryConfig:
-    """The MemoryConfig a source's metadata records (runs from before it was recorded: the defaults)."""
-    return MemoryConfig(**meta["memory"]) if "memory" in meta else MemoryConfig()
+    """The MemoryConfig a source's metadata records (runs from before it was recorded: the defaults).
+    Options this eijax lacks (a source saved by another version, e.g. a reverted experiment) are a
+    CheckpointMismatch that names them, not a TypeError."""
+    if "memory" not in meta:
+        return MemoryConfig()
+    unknown = sorted(set(meta["memory"]) - {f.name for f in dataclasses.fields(MemoryConfig)})
+    if unknown:
+        raise CheckpointMismatch(f"the memory path of {meta.get('base_checkpoint')!r} was saved with memory options this "
+                                 f"eijax does not have: {', '.join(unknown)} (load it with the eijax version that trained it)")
+    return MemoryConfig(**meta["memory"])
 
 
 def _trained_meta(source: str | Path) -> dict[str, Any]:
@@ -270,7 +278,7 @@ def _load_memory_file(stem: Path, memory: MemoryConfig | None, base: str | Path 
     from eijax.pretrained import load_pretrained
 
     meta = _read_memory_meta(stem)
-    model = load_pretrained(base or meta["base_checkpoint"], trained_memory(MemoryConfig(**meta["memory"]), memory))
+    model = load_pretrained(base or meta["base_checkpoint"], trained_memory(_saved_memory(meta), memory))
     _set_from_memory_file(model, stem, meta)
     return model
 

@@ -144,6 +144,19 @@ def test_checkpoint_of_another_model(tmp_path, capsys, monkeypatch):
     assert_user_error(e, capsys, "trained for another model", "n_layers")
 
 
+def test_memory_file_with_an_option_this_eijax_lacks(tmp_path):
+    """A memory file or run saved by another version (e.g. a reverted experiment's option) is a
+    CheckpointMismatch naming the option, which every CLI prints as one line, not a TypeError."""
+    from eijax.trained import PACKAGED_DIR, CheckpointMismatch, load_trained
+
+    meta = json.loads((PACKAGED_DIR / "smollm2-memory.json").read_text())
+    meta["memory"]["out_adapter"] = 32
+    (tmp_path / "mem.json").write_text(json.dumps(meta))
+    (tmp_path / "mem.safetensors").write_bytes(b"")  # never read: the metadata is refused first
+    with pytest.raises(CheckpointMismatch, match="memory options this eijax does not have: out_adapter"):
+        load_trained(tmp_path / "mem")
+
+
 # ------------------------------------------------------------------ scenario files
 @pytest.mark.parametrize("text, fragment", [
     ("sink: 4\nwindow: [16\nprefill_chunks: [8]\n", "not valid YAML (line 3"),
