@@ -235,8 +235,8 @@ def _saved_memory(meta: dict[str, Any]) -> MemoryConfig:
         return MemoryConfig()
     unknown = sorted(set(meta["memory"]) - {f.name for f in dataclasses.fields(MemoryConfig)})
     if unknown:
-        raise CheckpointMismatch(f"the memory path of {meta.get('base_checkpoint')!r} was saved with memory options this "
-                                 f"eijax does not have: {', '.join(unknown)} (load it with the eijax version that trained it)")
+        raise CheckpointMismatch(f"a memory path trained on {meta.get('base_checkpoint')!r} was saved with memory options "
+                                 f"this eijax does not have: {', '.join(unknown)} (load it with the eijax version that trained it)")
     return MemoryConfig(**meta["memory"])
 
 
